@@ -1,0 +1,246 @@
+"""Building blocks of decoder editing that any SAE-decoder method can share.
+
+* :class:`EditSequence`: a request tokenized and validated against the model's context.
+* :class:`HookSite`: where the SAE sits; computes the clean activation there and runs the rest of
+  the model from a replaced activation (fast path: ``start_at_layer`` for residual hooks).
+* :class:`RowHistory`: per-edit sparse decoder-row snapshots; exact (bitwise) undo and rollback.
+* :class:`AnchorBank`: reconstructions to preserve (earlier edits' tokens, reference text), stored as
+  the SAE's sparse codes so the change a row update causes is a cheap sparse matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+
+from microedit_lens.switch import sparse_decode
+from microedit_lens.types import EditRequest
+
+
+@dataclass
+class EditSequence:
+    """A request as token ids: ``tokens = prompt_ids + target_ids``."""
+
+    tokens: Int[torch.Tensor, " seq"]
+    n_prompt: int
+
+    @property
+    def target_ids(self) -> Int[torch.Tensor, " n_target"]:
+        return self.tokens[self.n_prompt :]
+
+    @property
+    def target_positions(self) -> Int[torch.Tensor, " n_target"]:
+        """Positions whose logits predict the target tokens."""
+        return torch.arange(self.n_prompt - 1, len(self.tokens) - 1)
+
+
+def tokenize_request(model: Any, request: EditRequest) -> EditSequence:
+    """Tokenize prompt and target (no BOS is added) and check the length against ``n_ctx``."""
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer; pass token ids through a tokenizer-equipped model")
+    p = model.tokenizer(request.prompt, add_special_tokens=False).input_ids
+    t = model.tokenizer(request.target_text, add_special_tokens=False).input_ids
+    if len(p) == 0:
+        raise ValueError(f"prompt {request.prompt!r} tokenizes to nothing")
+    if len(t) == 0:
+        raise ValueError(f"target {request.target!r} tokenizes to nothing")
+    n = len(p) + len(t)
+    if n > model.cfg.n_ctx:
+        raise ValueError(f"prompt+target is {n} tokens, longer than the model's context ({model.cfg.n_ctx}): {request.prompt[:60]!r}")
+    return EditSequence(torch.tensor(p + t, dtype=torch.long), len(p))
+
+
+class HookSite:
+    """The SAE's hook point on a model."""
+
+    def __init__(self, model: Any, hook_name: str):
+        self.model = model
+        self.hook_name = hook_name
+        parts = hook_name.split(".")
+        self.layer = int(parts[1]) if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() else None
+        self.start_layer: int | None = None
+        if self.layer is not None and parts[2] == "hook_resid_post":
+            self.start_layer = self.layer + 1
+        elif self.layer is not None and parts[2] == "hook_resid_pre":
+            self.start_layer = self.layer
+
+    @torch.no_grad()
+    def clean_activation(self, tokens: Int[torch.Tensor, "batch seq"]) -> Float[torch.Tensor, "batch seq d"]:
+        """Activation at the hook for the plain model (call with nothing attached at the hook)."""
+        _, cache = self.model.run_with_cache(
+            tokens,
+            names_filter=[self.hook_name],
+            stop_at_layer=None if self.layer is None else self.layer + 1,
+        )
+        return cache[self.hook_name]
+
+    def logits_from(
+        self, resid: Float[torch.Tensor, "batch seq d"], tokens: Int[torch.Tensor, "batch seq"]
+    ) -> Float[torch.Tensor, "batch seq vocab"]:
+        """Logits when the activation at the hook is ``resid`` (differentiable in ``resid``)."""
+        if self.start_layer is not None:
+            return self.model(resid, start_at_layer=self.start_layer)
+
+        def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            return resid.to(act.dtype)
+
+        return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, replace)])
+
+
+@dataclass
+class RowSnapshot:
+    """The decoder rows one edit changed, as they were before it."""
+
+    rows: Int[torch.Tensor, " m"]
+    before: Float[torch.Tensor, "m d"]
+
+
+class RowHistory:
+    """Per-edit snapshots of the decoder rows each edit overwrote (sparse: only the masked rows)."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[RowSnapshot] = []
+
+    def __len__(self) -> int:
+        return len(self.snapshots)
+
+    def record(self, W_dec: torch.Tensor, rows: torch.Tensor) -> None:
+        self.snapshots.append(RowSnapshot(rows.clone(), W_dec[rows].detach().clone()))
+
+    @torch.no_grad()
+    def rollback(self, W_dec: torch.Tensor, n_keep: int) -> None:
+        """Restore ``W_dec`` (in place) to its state after the first ``n_keep`` edits, bitwise."""
+        while len(self.snapshots) > n_keep:
+            snap = self.snapshots.pop()
+            W_dec[snap.rows] = snap.before
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, s in enumerate(self.snapshots):
+            out[f"history.{i}.rows"] = s.rows
+            out[f"history.{i}.before"] = s.before
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], n: int) -> "RowHistory":
+        h = cls()
+        for i in range(n):
+            h.snapshots.append(RowSnapshot(tensors[f"history.{i}.rows"], tensors[f"history.{i}.before"]))
+        return h
+
+
+@dataclass
+class SelectedAnchors:
+    """Anchored positions that depend on the rows being trained.
+
+    The reconstruction change at those positions is ``A @ (R - R0)`` for trained rows ``R``; the loss
+    is ``sum_p weight_p ||residual_p + A_p (R - R0)||^2``.
+    """
+
+    A: torch.Tensor  # sparse [n_sel, m]
+    residual: Float[torch.Tensor, "n_sel d"]
+    weight: Float[torch.Tensor, " n_sel"]
+
+    def loss(self, delta_rows: Float[torch.Tensor, "m d"]) -> torch.Tensor:
+        if self.residual.shape[0] == 0:
+            return delta_rows.sum() * 0.0
+        change = torch.sparse.mm(self.A, delta_rows)
+        return (((self.residual + change) ** 2).sum(-1) * self.weight).sum()
+
+
+class AnchorBank:
+    """Positions whose reconstruction should not move, each with its SAE code (top-k values and
+    indices), the reconstruction to keep, a group (one group per edit or reference set) and a weight."""
+
+    def __init__(self, d: int, k: int) -> None:
+        self.d, self.k = d, k
+        self._idx: list[torch.Tensor] = []
+        self._vals: list[torch.Tensor] = []
+        self._target: list[torch.Tensor] = []
+        self._weight: list[torch.Tensor] = []
+        self._group: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._group)
+
+    def add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, target: torch.Tensor, weight: float) -> None:
+        """Add one group of positions (idx/vals [n, k], target [n, d]); each position gets ``weight``."""
+        self._idx.append(idx.to(torch.int32))
+        self._vals.append(vals.float())
+        self._target.append(target.float())
+        self._weight.append(torch.full((idx.shape[0],), float(weight)))
+        self._group.append(group)
+
+    def drop_groups_from(self, group: int) -> None:
+        """Remove every group numbered ``>= group`` (used by rollback)."""
+        keep = [i for i, g in enumerate(self._group) if g < group]
+        for name in ("_idx", "_vals", "_target", "_weight"):
+            lst = getattr(self, name)
+            setattr(self, name, [lst[i] for i in keep])
+        self._group = [self._group[i] for i in keep]
+
+    def _cat(self) -> tuple[torch.Tensor, ...]:
+        return (torch.cat(self._idx), torch.cat(self._vals), torch.cat(self._target), torch.cat(self._weight))
+
+    @torch.no_grad()
+    def select(self, rows: Int[torch.Tensor, " m"], W_dec: torch.Tensor, b_dec: torch.Tensor, chunk: int = 1024) -> SelectedAnchors:
+        """The anchored positions that use any of ``rows`` (sorted), with their current residual."""
+        m = rows.shape[0]
+        if len(self) == 0:
+            return SelectedAnchors(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (0, m)),
+                                   torch.zeros(0, self.d), torch.zeros(0))
+        idx, vals, target, weight = self._cat()
+        hit = torch.isin(idx, rows.to(torch.int32)) & (vals > 0)
+        sel = hit.any(1).nonzero().squeeze(1)
+        idx, vals, target, weight, hit = idx[sel].long(), vals[sel], target[sel], weight[sel], hit[sel]
+        residual = torch.cat(
+            [sparse_decode(vals[i : i + chunk], idx[i : i + chunk], W_dec, b_dec) - target[i : i + chunk]
+             for i in range(0, len(sel), chunk)]
+        ) if len(sel) else torch.zeros(0, self.d)
+        r, c = hit.nonzero(as_tuple=True)
+        cols = torch.searchsorted(rows, idx[r, c])
+        A = torch.sparse_coo_tensor(torch.stack([r, cols]), vals[r, c], (len(sel), m), check_invariants=False).coalesce()
+        return SelectedAnchors(A, residual.float(), weight)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        if len(self) == 0:
+            return {}
+        idx, vals, target, weight = self._cat()
+        sizes = torch.tensor([t.shape[0] for t in self._idx])
+        return {f"{prefix}.idx": idx, f"{prefix}.vals": vals, f"{prefix}.target": target,
+                f"{prefix}.weight": weight, f"{prefix}.sizes": sizes, f"{prefix}.groups": torch.tensor(self._group)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, d: int, k: int) -> "AnchorBank":
+        bank = cls(d, k)
+        if f"{prefix}.sizes" not in tensors:
+            return bank
+        sizes = tensors[f"{prefix}.sizes"].tolist()
+        splits = {n: torch.split(tensors[f"{prefix}.{n}"], sizes) for n in ("idx", "vals", "target", "weight")}
+        for i, g in enumerate(tensors[f"{prefix}.groups"].tolist()):
+            bank._idx.append(splits["idx"][i].clone())
+            bank._vals.append(splits["vals"][i].clone())
+            bank._target.append(splits["target"][i].clone())
+            bank._weight.append(splits["weight"][i].clone())
+            bank._group.append(g)
+        return bank
+
+
+def batch_tokens(model: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and attention mask for ``texts`` (no BOS)."""
+    ids = [model.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("a text tokenizes to nothing")
+    n = max(len(x) for x in ids)
+    if n > model.cfg.n_ctx:
+        raise ValueError(f"a text is {n} tokens, longer than the model's context ({model.cfg.n_ctx})")
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    toks = torch.full((len(ids), n), pad, dtype=torch.long)
+    mask = torch.zeros(len(ids), n, dtype=torch.bool)
+    for i, x in enumerate(ids):
+        toks[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = True
+    return toks, mask

@@ -1,0 +1,250 @@
+import json
+
+import pytest
+import torch
+
+from microedit_lens import EditRequest, MicroEditConfig, MicroEditor, NumericalEditError, SAECompatibilityError
+from microedit_lens.methods import get_method
+from microedit_lens.methods.base import REGISTRY, MethodRegistry
+from microedit_lens.testing import tiny_sae as make_tiny_sae
+
+FAST = dict(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0)
+
+
+def make_editor(model, sae, refs, **kw):
+    ed = MicroEditor(model, sae, MicroEditConfig(**{**FAST, **kw}))
+    ed.calibrate(refs)
+    return ed
+
+
+REQS = [EditRequest("abc def", "xyz"), EditRequest("zzz yyy", "hhh"), EditRequest("qqq www", "ok")]
+TOKS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+
+
+def test_only_masked_rows_change(tiny_model, tiny_sae, reference_texts):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    before = ed.sae.W_dec.detach().clone()
+    ed.edit(REQS[0])
+    rows = ed.history.snapshots[0].rows
+    changed = (ed.sae.W_dec != before).any(-1).nonzero().squeeze(-1)
+    assert changed.numel() > 0
+    assert set(changed.tolist()) <= set(rows.tolist())
+    # the trained rows are exactly the latents active on the edit sequence (positions >= 1)
+    seq = torch.tensor([tiny_model.tokenizer("abc def xyz").input_ids])
+    with ed.detached():
+        _, cache = tiny_model.run_with_cache(seq)
+    feats = tiny_sae.encode(cache["blocks.0.hook_resid_post"])[0, 1:]
+    assert set(rows.tolist()) == set((feats > 0).any(0).nonzero().squeeze(-1).tolist())
+    # encoder and b_dec untouched
+    assert torch.equal(ed.sae.W_enc, tiny_sae.W_enc) and torch.equal(ed.sae.b_dec, tiny_sae.b_dec)
+
+
+def test_user_sae_not_mutated(tiny_model, tiny_sae, reference_texts):
+    W = tiny_sae.W_dec.detach().clone()
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    ed.edit(REQS[:2])
+    assert torch.equal(tiny_sae.W_dec, W)
+
+
+def test_undo_and_rollback_are_bitwise(tiny_model, tiny_sae, reference_texts):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    states = [ed.sae.W_dec.detach().clone()]
+    for r in REQS:
+        ed.edit(r)
+        states.append(ed.sae.W_dec.detach().clone())
+    ed.undo()
+    assert ed.n_edits == 2 and torch.equal(ed.sae.W_dec, states[2])
+    ed.rollback(1)
+    assert ed.n_edits == 1 and torch.equal(ed.sae.W_dec, states[1])
+    assert len(ed.memory) == 1
+    ed.rollback(0)
+    assert torch.equal(ed.sae.W_dec, states[0])
+    with pytest.raises(ValueError):
+        ed.rollback(3)
+
+
+def test_detach_gives_plain_model_bitwise(tiny_model, tiny_sae, reference_texts):
+    plain = tiny_model(TOKS).detach().clone()
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, tau=1e9)
+    ed.edit(REQS[0])
+    assert ed.is_attached
+    assert not torch.equal(tiny_model(TOKS), plain)  # tau huge: everything in scope
+    ed.detach()
+    assert torch.equal(tiny_model(TOKS), plain)
+    ed.attach()
+    with ed.detached():
+        assert torch.equal(tiny_model(TOKS), plain)
+    assert ed.is_attached
+    with ed.switch.mode_as("never"):
+        assert torch.equal(tiny_model(TOKS), plain)
+
+
+def test_context_manager_restores_on_error(tiny_model, tiny_sae, reference_texts):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    ed.detach()
+    original = tiny_model.blocks[0].hook_resid_post
+    with pytest.raises(RuntimeError):
+        with ed.attached():
+            assert ed.is_attached
+            raise RuntimeError("boom")
+    assert not ed.is_attached and tiny_model.blocks[0].hook_resid_post is original
+    assert "blocks.0.hook_resid_post" not in tiny_model.acts_to_saes
+
+
+def test_out_of_scope_inputs_unchanged(tiny_model, tiny_sae, reference_texts):
+    plain = tiny_model(TOKS).detach().clone()
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    ed.edit(REQS[:2])
+    ed.tau = 1e-12  # nothing is in scope
+    out = tiny_model(TOKS)
+    assert not ed.switch.last_on.any()
+    assert torch.equal(out, plain)
+
+
+def test_switch_hooks_are_cached(tiny_model, tiny_sae, reference_texts):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    _, cache = tiny_model.run_with_cache(TOKS)
+    h = "blocks.0.hook_resid_post"
+    assert cache[f"{h}.hook_sae_acts_post"].shape == (1, 7, 128)
+    assert cache[f"{h}.hook_switch_ard"].shape == (1,)
+    assert cache[f"{h}.hook_switch_on"].dtype == torch.bool
+    assert tiny_model.acts_to_saes[h] is ed.sae
+
+
+def test_save_load_reproduces_logits_bitwise(tiny_model, tiny_sae, reference_texts, tmp_path):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, tau=1e9)
+    ed.edit(REQS[:2])
+    logits = tiny_model(TOKS).detach().clone()
+    ed.save(tmp_path / "ed")
+    ed.detach()
+    meta = json.loads((tmp_path / "ed" / "editor.json").read_text())
+    assert meta["n_edits"] == 2 and len(meta["results"]) == 2
+    ed2 = MicroEditor.load(tmp_path / "ed", tiny_model)
+    assert torch.equal(ed2.sae.W_dec, ed.sae.W_dec)
+    assert torch.equal(tiny_model(TOKS), logits)
+    ed2.detach()
+    # loading onto the original SAE applies the saved rows
+    ed3 = MicroEditor.load(tmp_path / "ed", tiny_model, sae=tiny_sae)
+    assert torch.equal(ed3.sae.W_dec, ed.sae.W_dec)
+    # undo still works after load, bitwise
+    ed3.rollback(0)
+    assert torch.equal(ed3.sae.W_dec, tiny_sae.W_dec)
+    ed3.detach()
+    with pytest.raises(ValueError, match="not the one"):
+        MicroEditor.load(tmp_path / "ed", tiny_model, sae=make_tiny_sae(seed=3))
+
+
+def test_bad_requests_are_rejected_before_editing(tiny_model, tiny_sae, reference_texts):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    ed.edit(REQS[0])
+    W = ed.sae.W_dec.detach().clone()
+    with pytest.raises(ValueError, match="empty"):
+        EditRequest("", "x")
+    with pytest.raises(ValueError, match="target is empty"):
+        EditRequest("abc", "  ")
+    with pytest.raises(ValueError, match="request 1: .*longer than the model's context"):
+        ed.edit([REQS[1], EditRequest("x" * 80, "y")])
+    with pytest.raises(TypeError):
+        ed.edit([("a", "b")])
+    assert ed.n_edits == 1 and torch.equal(ed.sae.W_dec, W)
+
+
+def test_nan_loss_rolls_back_only_the_failing_edit(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    ed.edit(REQS[0])
+    W = ed.sae.W_dec.detach().clone()
+    real = ed._target_stats
+
+    def nan_stats(prob, z_hat):
+        nll, margin = real(prob, z_hat)
+        return nll * float("nan"), margin
+
+    monkeypatch.setattr(ed, "_target_stats", nan_stats)
+    with pytest.raises(NumericalEditError) as info:
+        ed.edit([REQS[1], REQS[2]])
+    assert info.value.request_index == 0 and info.value.results == []
+    assert ed.n_edits == 1 and len(ed.history) == 1 and torch.equal(ed.sae.W_dec, W)
+
+
+def test_tau_must_be_set(tiny_model, tiny_sae):
+    ed = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(**FAST))
+    with pytest.raises(ValueError, match="tau is not set"):
+        ed.edit(REQS[0])
+
+
+def test_incompatible_saes_are_rejected(tiny_model):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    with pytest.raises(SAECompatibilityError, match="d_in=16 does not match"):
+        MicroEditor(tiny_model, make_tiny_sae(d_in=16))
+    with pytest.raises(SAECompatibilityError, match="no hook point named"):
+        MicroEditor(tiny_model, make_tiny_sae(hook_name="blocks.9.hook_resid_post"))
+    with pytest.raises(SAECompatibilityError, match="TopK"):
+        MicroEditor(tiny_model, StandardSAE(StandardSAEConfig(d_in=32, d_sae=64)), hook_name="blocks.0.hook_resid_post")
+
+
+def test_decoder_norm_rescaling_is_folded(tiny_model, reference_texts):
+    sae = make_tiny_sae(rescale=True)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(128, 1) + 0.5)
+    ed = MicroEditor(tiny_model, sae, MicroEditConfig(**FAST))
+    z = torch.randn(2, 5, 32)
+    assert torch.equal(sae.encode(z) > 0, ed.sae.encode(z) > 0)
+    torch.testing.assert_close(sae(z), ed.sae(z), rtol=1e-5, atol=1e-5)
+    assert ed.sae.cfg.rescale_acts_by_decoder_norm is False and sae.cfg.rescale_acts_by_decoder_norm is True
+
+
+def test_config_validation():
+    for bad in (dict(lr=0), dict(alpha=-1), dict(tau=0), dict(tau_quantile=1.5), dict(stage2_max_steps=0),
+                dict(ard_margin=0), dict(memory_weight=-1)):
+        with pytest.raises(ValueError):
+            MicroEditConfig(**bad)
+
+
+def test_registry():
+    assert get_method("microedit").method_class is MicroEditor
+    with pytest.raises(KeyError, match="unknown editing method"):
+        get_method("nope")
+    reg = MethodRegistry()
+    reg.register("a", MicroEditor, MicroEditConfig)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a", MicroEditor, MicroEditConfig)
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_every_method_round_trips(name, tiny_model, tiny_sae, reference_texts, tmp_path):
+    entry = get_method(name)
+    ed = entry.method_class(tiny_model, tiny_sae, entry.config_class(**FAST, tau=1e9))
+    ed.edit(REQS[0])
+    logits = tiny_model(TOKS).detach().clone()
+    ed.save(tmp_path / name)
+    ed.detach()
+    ed2 = entry.method_class.load(tmp_path / name, tiny_model)
+    assert torch.equal(tiny_model(TOKS), logits)
+    ed2.undo()
+    ed2.detach()
+
+
+def test_fast_path_matches_full_forward(tiny_model):
+    from microedit_lens.editor import HookSite
+
+    site = HookSite(tiny_model, "blocks.0.hook_resid_post")
+    z = site.clean_activation(TOKS) + 0.1
+    fast = site.logits_from(z, TOKS)
+    site.start_layer = None
+    slow = site.logits_from(z, TOKS)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_anchor_protects_earlier_edits(tiny_model, tiny_sae, reference_texts):
+    drift = {}
+    for w in (0.0, 100.0):
+        ed = make_editor(tiny_model, tiny_sae, reference_texts, memory_weight=w, reference_weight=0.0)
+        ed.edit(REQS[0])
+        sel = ed.memory.select(torch.arange(128), ed.sae.W_dec, ed.sae.b_dec)
+        assert sel.residual.abs().max() < 1e-4
+        ed.edit(REQS[1:])
+        sel = ed.memory.select(torch.arange(128), ed.sae.W_dec, ed.sae.b_dec)
+        drift[w] = sel.residual[: ed.memory._idx[0].shape[0]].norm().item()
+        ed.detach()
+    assert drift[100.0] < drift[0.0]

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from microedit_lens.switch import SwitchedSAE, SwitchMode, ard, sparse_decode, topk_codes, valid_positions
+
+
+def test_sparse_decode_matches_sae_decode(tiny_sae):
+    z = torch.randn(3, 7, 32)
+    feats = tiny_sae.encode(z)
+    vals, idx = topk_codes(feats, tiny_sae.cfg.k)
+    torch.testing.assert_close(sparse_decode(vals, idx, tiny_sae.W_dec, tiny_sae.b_dec), tiny_sae.decode(feats), rtol=1e-5, atol=1e-5)
+
+
+def test_ard_hand_computed():
+    z = torch.zeros(1, 3, 2)
+    recon = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 2.0]]])
+    valid = valid_positions(1, 3, 1, z.device)
+    # positions 1, 2: (1 + 4) / (alpha * 2)
+    assert ard(recon, z, valid, alpha=10.0).item() == pytest.approx(5.0 / 20.0)
+    # padding excluded; no valid position -> inf
+    pad = torch.tensor([[False, False, True]])
+    assert ard(recon, z, valid_positions(1, 3, 1, z.device, pad), alpha=10.0).item() == pytest.approx(1.0 / 10.0)
+    assert ard(recon, z, valid_positions(1, 3, 5, z.device), alpha=1.0).item() == float("inf")
+
+
+def test_switch_routes_per_input(tiny_sae):
+    z = torch.randn(4, 5, 32)
+    sw = SwitchedSAE(tiny_sae, tau=0.0, alpha=1.0)
+    a = ard(sw.reconstruct(z), z, valid_positions(4, 5, 1, z.device), 1.0)
+    sw.tau = float(a.median())
+    out = sw(z)
+    on = a <= sw.tau
+    assert torch.equal(sw.last_on, on)
+    recon = sw.reconstruct(z)
+    for i in range(4):
+        assert torch.equal(out[i, 0], z[i, 0])  # position 0 is never replaced
+        expect = recon[i, 1:] if on[i] else z[i, 1:]
+        assert torch.equal(out[i, 1:], expect)
+    with sw.mode_as(SwitchMode.NEVER):
+        assert torch.equal(sw(z), z)
+    with sw.mode_as("always"):
+        assert torch.equal(sw(z)[:, 1:], recon[:, 1:])
+    assert sw.mode is SwitchMode.AUTO
+
+
+def test_bypass_mask_restores(tiny_sae):
+    sw = SwitchedSAE(tiny_sae, tau=1e9, alpha=1.0)
+    z = torch.randn(1, 4, 32)
+    mask = torch.tensor([[False, False, True, True]])
+    with sw.bypass(mask):
+        out = sw(z)
+        assert torch.equal(out[0, 2:], z[0, 2:])
+    assert sw._token_mask is None
