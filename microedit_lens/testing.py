@@ -16,9 +16,12 @@ class _Encoding:
     input_ids: Any
 
 
+_ALPHABET = " abcdefghijklmnopqrstuvwxyz0123456789.,?!'-:;()ABCDEFGHIJKLMN"
+
+
 class CharTokenizer:
-    """A character-level tokenizer (ids ``2 + ord(c) % (vocab - 2)``; 0 = pad, 1 = eos) with the
-    slice of the HF tokenizer interface microedit-lens uses."""
+    """A character-level tokenizer with the slice of the HF tokenizer interface microedit-lens uses:
+    0 = pad, 1 = eos, then one id per character of a fixed alphabet (other characters share ids)."""
 
     def __init__(self, vocab_size: int = 64):
         self.vocab_size = vocab_size
@@ -27,8 +30,13 @@ class CharTokenizer:
         self.bos_token_id = None
         self.padding_side = "right"
 
+    def _id(self, c: str) -> int:
+        n = self.vocab_size - 2
+        i = _ALPHABET.find(c)
+        return 2 + (i if 0 <= i < n else ord(c) % n)
+
     def _ids(self, text: str) -> list[int]:
-        return [2 + ord(c) % (self.vocab_size - 2) for c in text]
+        return [self._id(c) for c in text]
 
     def __call__(self, text: str | Sequence[str], add_special_tokens: bool = False, **_: Any) -> _Encoding:
         if isinstance(text, str):
@@ -40,7 +48,7 @@ class CharTokenizer:
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
-        return "".join(chr(32 + (i - 2) % 95) if i >= 2 else "" for i in ids)
+        return "".join(_ALPHABET[i - 2] if 2 <= i < 2 + len(_ALPHABET) else "" for i in ids)
 
 
 def tiny_model(n_layers: int = 2, d_model: int = 32, d_vocab: int = 64, n_ctx: int = 64, seed: int = 0):

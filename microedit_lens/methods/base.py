@@ -81,6 +81,16 @@ class EditMethod(abc.ABC):
             if was:
                 self.attach()
 
+    def prepare(self, reference_texts: Sequence[str]) -> None:
+        """Fit whatever the method derives from unrelated reference text (MicroEdit: tau and its
+        reference anchors). Called once by the lifelong protocol before any edit. Default: nothing."""
+
+    @contextmanager
+    def padding(self, pad_mask: Any) -> Iterator[None]:
+        """Tell the method which positions of the next forward passes are padding (bool [batch, pos],
+        True = pad). Default: nothing to do."""
+        yield
+
     @abc.abstractmethod
     def save(self, path: str | Path) -> Path:
         """Persist the edited state (and what is needed to keep editing) to a folder."""

@@ -32,9 +32,10 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -78,6 +79,9 @@ class MicroEditConfig:
     skip_first: int = 1
     """Leading positions never replaced nor counted in ARD (position 0 is an attention sink)."""
     seed: int = 0
+    keep_history: bool = True
+    """Keep per-edit row snapshots (undo/rollback to any edit). Without them only rollback(0) works,
+    which saves ~m x d floats per edit (long benchmark runs)."""
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -170,6 +174,8 @@ class MicroEditor(EditMethod):
         self.memory = AnchorBank(d, k)
         self.reference = AnchorBank(d, k)
         self.results: list[EditResult] = []
+        self._W_dec0 = self.sae.W_dec.detach().clone()
+        self._touched = torch.zeros(self.sae.cfg.d_sae, dtype=torch.bool)
         self._original_hook: Any = None
         if attach:
             self.attach()
@@ -265,6 +271,14 @@ class MicroEditor(EditMethod):
             self.tau = tau
         return Calibration(tau=tau if self.cfg.tau is None else self.cfg.tau, quantile=q, ard=a, n_tokens=n_tok)
 
+    def prepare(self, reference_texts: Sequence[str]) -> None:
+        self.calibrate(reference_texts)
+
+    @contextmanager
+    def padding(self, pad_mask: Any) -> Iterator[None]:
+        with self.switch.bypass(pad_mask):
+            yield
+
     # ------------------------------------------------------------------ editing
     def edit(self, requests: EditRequest | Sequence[EditRequest]) -> list[EditResult]:
         reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
@@ -359,21 +373,21 @@ class MicroEditor(EditMethod):
         with torch.no_grad():
             ard_before = self._objective(prob, R)[1].item()
         index = len(self.results)
-        self.history.record(self.sae.W_dec, prob.rows)
-        try:
-            with self.detached():
-                s1 = self._run_stage(prob, R, self.cfg.stage1_max_steps, with_edit=False) if self.cfg.stage1_max_steps else StageStats(0, float("nan"), float("nan"), 0.0)
-                s2 = self._run_stage(prob, R, self.cfg.stage2_max_steps, with_edit=True)
-                with torch.no_grad():
-                    z_hat, rec, _ = self._objective(prob, R)
-                    nll, margin = self._target_stats(prob, z_hat)
-            if not torch.isfinite(R).all():
-                raise NumericalEditError("decoder rows became non-finite; the edit was rolled back")
-        except BaseException:
-            self.history.rollback(self.sae.W_dec, index)
-            raise
+        with self.detached():
+            # W_dec is written only after both stages finished with finite values, so an exception
+            # in them leaves the decoder (and every earlier edit) exactly as it was
+            s1 = self._run_stage(prob, R, self.cfg.stage1_max_steps, with_edit=False) if self.cfg.stage1_max_steps else StageStats(0, float("nan"), float("nan"), 0.0)
+            s2 = self._run_stage(prob, R, self.cfg.stage2_max_steps, with_edit=True)
+            with torch.no_grad():
+                z_hat, rec, _ = self._objective(prob, R)
+                nll, margin = self._target_stats(prob, z_hat)
+        if not torch.isfinite(R).all():
+            raise NumericalEditError("decoder rows became non-finite; the edit was rolled back")
+        if self.cfg.keep_history:
+            self.history.record(self.sae.W_dec, prob.rows)
         with torch.no_grad():
             self.sae.W_dec[prob.rows] = R.detach().to(self.sae.W_dec.dtype)
+        self._touched[prob.rows] = True
         v = prob.valid
         self.memory.add(index, prob.idx[v], prob.vals[v], z_hat[v].detach(), weight=1.0 / int(v.sum()))
         ard_after = rec.item()
@@ -387,7 +401,15 @@ class MicroEditor(EditMethod):
     def rollback(self, n_edits: int) -> None:
         if not 0 <= n_edits <= self.n_edits:
             raise ValueError(f"cannot roll back to {n_edits} edits: {self.n_edits} applied")
-        self.history.rollback(self.sae.W_dec, n_edits)
+        if n_edits == 0:
+            with torch.no_grad():
+                self.sae.W_dec.copy_(self._W_dec0)
+            self.history.snapshots.clear()
+            self._touched.zero_()
+        elif not self.cfg.keep_history:
+            raise ValueError("this editor keeps no per-edit history (keep_history=False): only rollback(0) is possible")
+        else:
+            self.history.rollback(self.sae.W_dec, n_edits)
         self.memory.drop_groups_from(n_edits)
         del self.results[n_edits:]
 
@@ -398,10 +420,11 @@ class MicroEditor(EditMethod):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
-        if len(self.history):
-            rows = torch.unique(torch.cat([s.rows for s in self.history.snapshots]))
+        rows = self._touched.nonzero().squeeze(1)
+        if rows.numel():
             tensors["edited.rows"] = rows
             tensors["edited.values"] = self.sae.W_dec[rows].detach().clone()
+            tensors["base.values"] = self._W_dec0[rows].clone()
         tensors.update(self.history.tensors())
         tensors.update(self.memory.tensors("memory"))
         tensors.update(self.reference.tensors("reference"))
@@ -415,6 +438,7 @@ class MicroEditor(EditMethod):
             "tau": self.tau,
             "base_fingerprint": self.base_fingerprint,
             "n_edits": self.n_edits,
+            "n_history": len(self.history),
             "results": [r.to_dict() for r in self.results],
         }
         (path / "editor.json").write_text(json.dumps(meta, indent=1))
@@ -437,10 +461,13 @@ class MicroEditor(EditMethod):
             raise ValueError("the SAE passed to load() is not the one these edits were made on (encoder differs)")
         editor = cls(model, base, cfg, hook_name=meta["hook_name"], attach=False)
         editor.base_fingerprint = meta["base_fingerprint"]
-        with torch.no_grad():
-            if "edited.rows" in tensors:
-                editor.sae.W_dec[tensors["edited.rows"]] = tensors["edited.values"].to(editor.sae.W_dec.dtype)
-        editor.history = RowHistory.from_tensors(tensors, meta["n_edits"])
+        if "edited.rows" in tensors:
+            rows = tensors["edited.rows"]
+            with torch.no_grad():
+                editor.sae.W_dec[rows] = tensors["edited.values"].to(editor.sae.W_dec.dtype)
+            editor._W_dec0[rows] = tensors["base.values"].to(editor._W_dec0.dtype)
+            editor._touched[rows] = True
+        editor.history = RowHistory.from_tensors(tensors, meta["n_history"])
         d, k = editor.sae.cfg.d_in, editor.sae.cfg.k
         editor.memory = AnchorBank.from_tensors(tensors, "memory", d, k)
         editor.reference = AnchorBank.from_tensors(tensors, "reference", d, k)

@@ -248,3 +248,19 @@ def test_memory_anchor_protects_earlier_edits(tiny_model, tiny_sae, reference_te
         drift[w] = sel.residual[: ed.memory._idx[0].shape[0]].norm().item()
         ed.detach()
     assert drift[100.0] < drift[0.0]
+
+
+def test_without_history_only_full_rollback(tiny_model, tiny_sae, reference_texts, tmp_path):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, keep_history=False)
+    ed.edit(REQS[:2])
+    assert len(ed.history) == 0
+    with pytest.raises(ValueError, match="keep_history=False"):
+        ed.undo()
+    ed.save(tmp_path / "e")
+    ed.rollback(0)
+    assert torch.equal(ed.sae.W_dec, tiny_sae.W_dec)
+    ed.detach()
+    ed2 = MicroEditor.load(tmp_path / "e", tiny_model)
+    assert ed2.n_edits == 2
+    ed2.rollback(0)
+    assert torch.equal(ed2.sae.W_dec, tiny_sae.W_dec)

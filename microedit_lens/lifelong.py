@@ -1,0 +1,319 @@
+"""The lifelong editing protocol (WISE/GRACE): for a stream of N requests and a chunk size T, make all T
+edits of a chunk sequentially, *then* score every one of them; chunks start from the unedited state
+(``rollback(0)``, bitwise identical to a fresh editor) and the scores are averaged over all chunks.
+T = 1 means every edit alone.
+
+Locality baselines (argmax tokens of the plain model) are computed once, before any edit. Long runs
+show progress with ETA, checkpoint every ``checkpoint_every`` edits and resume to identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from microedit_lens import metrics
+from microedit_lens.methods.base import EditMethod, get_method
+from microedit_lens.types import EditRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LifelongConfig:
+    """How to run one lifelong benchmark."""
+
+    T: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
+    """Chunk sizes: edits made before scoring."""
+    batch_size: int = 32
+    """Scoring batch size."""
+    generative: bool = True
+    """Also score greedy exact match of the target after the prompt."""
+    checkpoint_dir: str | None = None
+    """Where progress and mid-chunk editor state are saved; an existing checkpoint is resumed."""
+    checkpoint_every: int = 100
+    """Save after this many edits (and at the end of every chunk that passes the mark)."""
+
+    def __post_init__(self) -> None:
+        if not self.T or any(t < 1 for t in self.T):
+            raise ValueError(f"T values must be >= 1, got {self.T}")
+        if self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("batch_size and checkpoint_every must be >= 1")
+
+
+@dataclass
+class RecordScore:
+    """Scores of one edit request after its chunk's edits."""
+
+    index: int
+    reliability: float
+    generalization: float
+    locality: float
+    ppl: float
+    rel_generative: float
+    edit_success: bool
+    edit_seconds: float
+
+
+@dataclass
+class TRun:
+    """All chunks of one T."""
+
+    T: int
+    n_chunks: int
+    n_records: int
+    reliability: float
+    generalization: float
+    locality: float
+    ppl: float
+    rel_generative: float
+    edit_success: float
+    edit_seconds_total: float
+    edit_seconds_per_edit: float
+    score_seconds_total: float
+    wall_seconds: float
+    records: list[RecordScore]
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("records")
+        d["average"] = _avg(self)
+        return d
+
+
+def _avg(r: TRun) -> float:
+    vals = [v for v in (r.reliability, r.generalization, r.locality) if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+@dataclass
+class SweepResult:
+    """A lifelong benchmark over several T."""
+
+    dataset: str
+    method: str
+    n_records: int
+    config: dict[str, Any]
+    runs: dict[int, TRun]
+    tau: float | None = None
+
+    def to_json(self, path: str | Path, with_records: bool = True) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = {
+            "dataset": self.dataset, "method": self.method, "n_records": self.n_records, "tau": self.tau,
+            "config": self.config,
+            "results": {str(t): r.summary() for t, r in self.runs.items()},
+        }
+        if with_records:
+            out["records"] = {str(t): [asdict(s) for s in r.records] for t, r in self.runs.items()}
+        path.write_text(json.dumps(out, indent=1, default=_json_default))
+        return path
+
+    def to_markdown(self, ppl: bool = False) -> str:
+        """The paper's table layout: one row per method, a column group per T."""
+        ts = sorted(self.runs)
+        cols = ["Rel. (PPL↓)", "Loc."] if ppl else ["Rel.", "Gen.", "Loc.", "Avg."]
+        head = "| Method | " + " | ".join(f"T={t} {c}" for t in ts for c in cols) + " |"
+        sep = "|---|" + "---|" * (len(ts) * len(cols))
+        cells = []
+        for t in ts:
+            r = self.runs[t]
+            cells += [f"{r.ppl:.2f}", f"{r.locality:.2f}"] if ppl else [
+                f"{r.reliability:.2f}", f"{r.generalization:.2f}", f"{r.locality:.2f}", f"{_avg(r):.2f}"]
+        row = f"| {self.method} | " + " | ".join(cells) + " |"
+        timing = "\n".join(
+            f"- T={t}: {r.n_records} edits in {r.n_chunks} chunk(s); {r.edit_seconds_per_edit:.2f} s/edit; "
+            f"edits {r.edit_seconds_total / 60:.1f} min, scoring {r.score_seconds_total / 60:.1f} min, wall {r.wall_seconds / 60:.1f} min; "
+            f"generative exact match {r.rel_generative:.2f}; edits that met their own stopping rule {r.edit_success:.2f}"
+            for t, r in sorted(self.runs.items()))
+        return f"{head}\n{sep}\n{row}\n\n{timing}\n"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+@dataclass
+class _Baselines:
+    """Pre-edit argmax tokens of the plain model on every locality pair, per record."""
+
+    loc: list[list[torch.Tensor]]
+
+
+class LifelongRunner:
+    """Runs the protocol for one method on one model/SAE."""
+
+    def __init__(self, model: Any, sae: Any, method: str = "microedit", method_config: Any = None, reference_texts: Sequence[str] = ()):
+        entry = get_method(method)
+        self.method_name = method
+        self.method_class = entry.method_class
+        self.model, self.sae = model, sae
+        self.method_config = method_config if method_config is not None else entry.config_class()
+        self.editor: EditMethod = self.method_class(model, sae, self.method_config)
+        if reference_texts:
+            self.editor.prepare(list(reference_texts))
+
+    def close(self) -> None:
+        self.editor.detach()
+
+    # ---------------------------------------------------------------- scoring
+    def baselines(self, records: Sequence[EditRequest], batch_size: int) -> _Baselines:
+        prompts, answers, owner = [], [], []
+        for i, r in enumerate(records):
+            for p, a in zip(r.locality_prompts, r.locality_answers):
+                prompts.append(p)
+                answers.append(a)
+                owner.append(i)
+        with self.editor.detached():
+            tf = metrics.teacher_forced(self.model, prompts, answers, batch_size)
+        loc: list[list[torch.Tensor]] = [[] for _ in records]
+        for i, a in zip(owner, tf.argmax):
+            loc[i].append(a)
+        return _Baselines(loc)
+
+    def score(self, records: Sequence[EditRequest], offsets: Sequence[int], base: _Baselines, cfg: LifelongConfig, edit_info: Sequence[tuple[bool, float]]) -> list[RecordScore]:
+        """Score ``records`` (global indices ``offsets``) with the current edits attached."""
+        pad = self.editor.padding
+        with self.editor.attached():
+            rel = metrics.teacher_forced(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad)
+            para = [(i, p) for i, r in enumerate(records) for p in r.paraphrases]
+            gen = metrics.teacher_forced(self.model, [p for _, p in para], [records[i].target for i, _ in para], cfg.batch_size, pad)
+            locs = [(i, p, a) for i, r in enumerate(records) for p, a in zip(r.locality_prompts, r.locality_answers)]
+            loc = metrics.teacher_forced(self.model, [p for _, p, _ in locs], [a for _, _, a in locs], cfg.batch_size, pad)
+            em = (metrics.greedy_exact_match(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad)
+                  if cfg.generative else [float("nan")] * len(records))
+        gen_acc: list[list[float]] = [[] for _ in records]
+        for (i, _), a in zip(para, gen.accuracy()):
+            gen_acc[i].append(a)
+        loc_acc: list[list[float]] = [[] for _ in records]
+        for (i, _, _), post in zip(locs, loc.argmax):
+            pre = base.loc[offsets[i]][len(loc_acc[i])]
+            loc_acc[i].append(float((pre == post).float().mean()))
+        rel_acc, ppl = rel.accuracy(), rel.perplexity()
+        return [
+            RecordScore(index=offsets[i], reliability=rel_acc[i], generalization=metrics.mean(gen_acc[i]),
+                        locality=metrics.mean(loc_acc[i]), ppl=ppl[i], rel_generative=float(em[i]),
+                        edit_success=edit_info[i][0], edit_seconds=edit_info[i][1])
+            for i in range(len(records))
+        ]
+
+    # ---------------------------------------------------------------- protocol
+    def run(self, records: Sequence[EditRequest], cfg: LifelongConfig, dataset_name: str = "") -> SweepResult:
+        records = list(records)
+        base = self.baselines(records, cfg.batch_size)
+        ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        progress = _load_progress(ckpt)
+        runs: dict[int, TRun] = {}
+        for T in cfg.T:
+            runs[T] = self._run_T(records, T, base, cfg, ckpt, progress)
+        tau = getattr(self.editor, "tau", None)
+        return SweepResult(dataset=dataset_name, method=self.method_name, n_records=len(records),
+                           config={"method": _config_dict(self.method_config), "lifelong": asdict(cfg)}, runs=runs, tau=tau)
+
+    def _run_T(self, records: list[EditRequest], T: int, base: _Baselines, cfg: LifelongConfig, ckpt: Path | None, progress: dict[str, Any]) -> TRun:
+        n = len(records)
+        T_eff = min(T, n)
+        if n % T_eff:
+            logger.warning("T=%d: %d records are not a multiple of T; the last %d are not scored", T, n, n % T_eff)
+        n_chunks = n // T_eff
+        state = progress.setdefault(str(T), {"chunks_done": 0, "scores": [], "edit_s": 0.0, "score_s": 0.0, "wall_s": 0.0})
+        t_wall = time.perf_counter() - state["wall_s"]
+        self.editor.rollback(0)
+        mid = ckpt / f"T{T}_editor" if ckpt else None
+        bar = tqdm(total=n_chunks * T_eff, initial=state["chunks_done"] * T_eff, desc=f"T={T}", unit="edit")
+        since_save = 0
+        for c in range(state["chunks_done"], n_chunks):
+            chunk = records[c * T_eff : (c + 1) * T_eff]
+            done = 0
+            info: list[tuple[bool, float]] = []
+            if mid is not None and (mid / "editor.json").is_file() and state.get("mid_chunk") == c:
+                self._restore_editor(mid)
+                done = self.editor.n_edits
+                info = [tuple(x) for x in state.get("mid_info", [])]
+                bar.update(done)
+            for j in range(done, T_eff):
+                res = self.editor.edit(chunk[j])[0]
+                info.append((res.success, res.seconds))
+                state["edit_s"] += res.seconds
+                bar.update(1)
+                since_save += 1
+                if ckpt is not None and since_save >= cfg.checkpoint_every and j + 1 < T_eff:
+                    self.editor.save(mid)
+                    state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
+                    _save_progress(ckpt, progress)
+                    since_save = 0
+            t0 = time.perf_counter()
+            scores = self.score(chunk, list(range(c * T_eff, (c + 1) * T_eff)), base, cfg, info)
+            state["score_s"] += time.perf_counter() - t0
+            state["scores"].extend(asdict(s) for s in scores)
+            state["chunks_done"] = c + 1
+            state.pop("mid_chunk", None)
+            state.pop("mid_info", None)
+            self.editor.rollback(0)
+            if ckpt is not None and (since_save >= cfg.checkpoint_every or c + 1 == n_chunks):
+                state["wall_s"] = time.perf_counter() - t_wall
+                _save_progress(ckpt, progress)
+                if mid is not None and mid.exists():
+                    shutil.rmtree(mid)
+                since_save = 0
+        bar.close()
+        state["wall_s"] = time.perf_counter() - t_wall
+        recs = [RecordScore(**s) for s in state["scores"]]
+        m = metrics.mean
+        return TRun(
+            T=T, n_chunks=n_chunks, n_records=len(recs),
+            reliability=m([r.reliability for r in recs]),
+            generalization=m([r.generalization for r in recs if not math.isnan(r.generalization)]),
+            locality=m([r.locality for r in recs if not math.isnan(r.locality)]),
+            ppl=m([r.ppl for r in recs]),
+            rel_generative=m([r.rel_generative for r in recs]),
+            edit_success=m([float(r.edit_success) for r in recs]),
+            edit_seconds_total=state["edit_s"], edit_seconds_per_edit=state["edit_s"] / max(len(recs), 1),
+            score_seconds_total=state["score_s"], wall_seconds=state["wall_s"], records=recs,
+        )
+
+    def _restore_editor(self, path: Path) -> None:
+        self.editor.detach()
+        self.editor = self.method_class.load(path, self.model, sae=self.sae)
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
+
+
+def _load_progress(ckpt: Path | None) -> dict[str, Any]:
+    if ckpt is None or not (ckpt / "progress.json").is_file():
+        return {}
+    logger.info("resuming from %s", ckpt)
+    return json.loads((ckpt / "progress.json").read_text())
+
+
+def _save_progress(ckpt: Path, progress: dict[str, Any]) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / "progress.json.tmp"
+    tmp.write_text(json.dumps(progress))
+    tmp.replace(ckpt / "progress.json")
+
+
+def run_lifelong(
+    model: Any, sae: Any, records: Sequence[EditRequest], cfg: LifelongConfig, method: str = "microedit",
+    method_config: Any = None, reference_texts: Sequence[str] = (), dataset_name: str = "",
+) -> SweepResult:
+    """Convenience wrapper: build a :class:`LifelongRunner`, run it, detach the editor."""
+    runner = LifelongRunner(model, sae, method, method_config, reference_texts)
+    try:
+        return runner.run(records, cfg, dataset_name)
+    finally:
+        runner.close()

@@ -1,0 +1,142 @@
+"""Scoring, following the WISE / EasyEdit protocol.
+
+* **Reliability / Generalization**: teacher-forced token accuracy of the target. The input is
+  ``prompt_ids + target_ids`` (each tokenized on its own, no BOS; the target with its joining space,
+  see :attr:`EditRequest.target_text`); the score is the share of target tokens that are the argmax at
+  the position before them (EasyEdit ``test_prediction_acc``).
+* **Locality**: the argmax tokens at the answer positions of ``locality_prompt + locality_answer``
+  after the edits, compared with the same tokens computed before any edit; the share unchanged.
+* **Perplexity** (hallucination data): ``exp(mean NLL of the target tokens)`` after the prompt.
+* **Generative exact match** (our addition; teacher-forced scores flatter editors): greedy decoding of
+  ``len(target_ids)`` tokens after the prompt equals the target ids.
+
+All functions run right-padded batches (exact for causal models: real positions never attend to the
+padding on their right) and announce the padding to the editing method through ``padding`` so the
+switch's ARD ignores it.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+from jaxtyping import Int
+
+PaddingContext = Callable[[torch.Tensor], ContextManager[Any]]
+
+
+def _no_padding(_: torch.Tensor) -> ContextManager[Any]:
+    return nullcontext()
+
+
+@dataclass
+class TeacherForced:
+    """Per-pair results of one teacher-forced pass."""
+
+    argmax: list[torch.Tensor]
+    """Argmax token at each target position."""
+    targets: list[torch.Tensor]
+    nll: list[torch.Tensor]
+    """Per-token negative log-likelihood of the target."""
+
+    def accuracy(self) -> list[float]:
+        return [float((a == t).float().mean()) for a, t in zip(self.argmax, self.targets)]
+
+    def perplexity(self) -> list[float]:
+        return [math.exp(float(n.mean())) for n in self.nll]
+
+
+def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt and answer (the answer with a joining space when neither side has one)."""
+    if answer and not prompt[-1:].isspace() and not answer[0].isspace():
+        answer = " " + answer
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    a = tokenizer(answer, add_special_tokens=False).input_ids
+    if not p or not a:
+        raise ValueError(f"empty prompt or answer after tokenization: {prompt[:60]!r} / {answer[:60]!r}")
+    return p, a
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[torch.Tensor, "b s"], torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    toks = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    pad = torch.ones(len(seqs), n, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        toks[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        pad[i, : len(s)] = False
+    return toks, pad
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 32,
+    padding: PaddingContext = _no_padding,
+) -> TeacherForced:
+    """Argmax and NLL at every answer position of ``prompt + answer``."""
+    if len(prompts) != len(answers):
+        raise ValueError("prompts and answers differ in length")
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pairs = [encode_pair(tok, p, a) for p, a in zip(prompts, answers)]
+    out = TeacherForced([], [], [])
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        toks, pad = _pad([p + a for p, a in chunk], pad_id)
+        if toks.shape[1] > model.cfg.n_ctx:
+            raise ValueError(f"a scored sequence is {toks.shape[1]} tokens, longer than the context {model.cfg.n_ctx}")
+        with padding(pad):
+            logits = model(toks.to(model.cfg.device))
+        lp = logits.float().log_softmax(-1).cpu()
+        for j, (p, a) in enumerate(chunk):
+            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
+            tgt = torch.tensor(a)
+            out.argmax.append(lp[j, pos].argmax(-1))
+            out.targets.append(tgt)
+            out.nll.append(-lp[j, pos].gather(-1, tgt[:, None]).squeeze(-1))
+    return out
+
+
+@torch.no_grad()
+def greedy_exact_match(
+    model: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 32,
+    padding: PaddingContext = _no_padding,
+) -> list[bool]:
+    """Greedy-decode ``len(answer_ids)`` tokens after each prompt (full recomputation per step, so the
+    switch sees the whole sequence each time) and compare with the answer ids."""
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pairs = [encode_pair(tok, p, a) for p, a in zip(prompts, answers)]
+    result: list[bool] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        seqs = [list(p) for p, _ in chunk]
+        n_new = [len(a) for _, a in chunk]
+        for step in range(max(n_new)):
+            active = [j for j in range(len(chunk)) if step < n_new[j]]
+            toks, pad = _pad([seqs[j] for j in active], pad_id)
+            with padding(pad):
+                logits = model(toks.to(model.cfg.device))
+            for row, j in enumerate(active):
+                seqs[j].append(int(logits[row, len(seqs[j]) - 1].argmax()))
+        result.extend(seqs[j][len(p):] == list(a) for j, (p, a) in enumerate(chunk))
+    return result
+
+
+def locality(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -> list[float]:
+    """Share of answer-position argmax tokens unchanged (per pair)."""
+    if len(pre) != len(post):
+        raise ValueError("pre and post differ in length")
+    return [float((a == b).float().mean()) for a, b in zip(pre, post)]
+
+
+def mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")

@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+
+from microedit_lens import EditRequest, MicroEditConfig
+from microedit_lens import metrics
+from microedit_lens.lifelong import LifelongConfig, LifelongRunner, run_lifelong
+
+
+class FixedModel:
+    """A fake 'model': logits that always predict token (last input token + 1)."""
+
+    def __init__(self, tokenizer, vocab=64):
+        from types import SimpleNamespace
+
+        self.tokenizer = tokenizer
+        self.cfg = SimpleNamespace(n_ctx=64, device="cpu")
+        self.vocab = vocab
+
+    def __call__(self, toks):
+        nxt = (toks + 1) % self.vocab
+        return torch.nn.functional.one_hot(nxt, self.vocab).float() * 10
+
+
+def test_teacher_forced_hand_computed():
+    from microedit_lens.testing import CharTokenizer
+
+    tok = CharTokenizer()
+    m = FixedModel(tok)
+    # "ab" then " bc": after 'b' comes ' ' (predicted 'c'), after ' ' comes 'b' (predicted '!'), after 'b' comes 'c' (predicted 'c')
+    tf = metrics.teacher_forced(m, ["ab"], ["bc"])
+    assert tf.targets[0].tolist() == tok(" bc").input_ids
+    assert tf.accuracy() == [pytest.approx(1 / 3)]
+    # right padding in a batch gives the same per-pair results
+    tf2 = metrics.teacher_forced(m, ["ab", "a much longer prompt"], ["bc", "x"])
+    assert tf2.accuracy()[0] == pytest.approx(1 / 3)
+    assert torch.equal(tf2.argmax[0], tf.argmax[0])
+    # an answer the model predicts perfectly: accuracy 1, perplexity ~1
+    tf3 = metrics.teacher_forced(m, ["ab "], ["abc"])
+    assert tf3.accuracy() == [1.0]
+    assert tf3.perplexity()[0] == pytest.approx(1 + 63 * math.exp(-10), rel=1e-5)  # softmax of logit 10 vs 63 zeros
+    assert metrics.locality([torch.tensor([1, 2, 3])], [torch.tensor([1, 0, 3])]) == [pytest.approx(2 / 3)]
+
+
+def test_greedy_exact_match():
+    from microedit_lens.testing import CharTokenizer
+
+    tok = CharTokenizer()
+    m = FixedModel(tok)
+    # after "ab " the fake model continues with "abc..."
+    assert metrics.greedy_exact_match(m, ["ab ", "ab ", "xy"], ["abc", "zz", "abc"]) == [True, False, False]
+
+
+def make_records(n):
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    return [
+        EditRequest(f"{words[i % 8]} is near", f"{words[(i + 3) % 8]}", paraphrases=(f"near {words[i % 8]}",),
+                    locality_prompts=(f"the {words[(i + 5) % 8]} house",), locality_answers=("red",))
+        for i in range(n)
+    ]
+
+
+CFG = dict(lr=5e-2, stage1_max_steps=3, stage2_max_steps=8, target_margin=0.0)
+REFS = ["the cat sat on the mat", "a quick brown fox jumps", "hello world and friends", "rain falls in spring time"]
+
+
+def test_chunking_T1_equals_independent_edits(tiny_model, tiny_sae):
+    recs = make_records(4)
+    res = run_lifelong(tiny_model, tiny_sae, recs, LifelongConfig(T=[1, 2], generative=False),
+                       method_config=MicroEditConfig(**CFG), reference_texts=REFS)
+    assert res.runs[1].n_chunks == 4 and res.runs[2].n_chunks == 2
+    assert [r.index for r in res.runs[1].records] == [0, 1, 2, 3]
+    # T=1 score of record 2 equals editing record 2 alone on a fresh editor
+    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), REFS)
+    base = runner.baselines(recs, 8)
+    runner.editor.edit(recs[2])
+    alone = runner.score([recs[2]], [2], base, LifelongConfig(T=[1], generative=False), [(True, 0.0)])[0]
+    runner.close()
+    assert alone.reliability == res.runs[1].records[2].reliability
+    assert alone.locality == res.runs[1].records[2].locality
+    for r in res.runs.values():
+        assert 0 <= r.reliability <= 1 and 0 <= r.locality <= 1 and r.ppl >= 1
+    assert "| microedit |" in res.to_markdown()
+
+
+def test_locality_baseline_is_pre_edit(tiny_model, tiny_sae):
+    recs = make_records(2)
+    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG, tau=1e9), REFS)
+    base = runner.baselines(recs, 8)
+    with runner.editor.detached():
+        plain = metrics.teacher_forced(tiny_model, [recs[0].locality_prompts[0]], [recs[0].locality_answers[0]])
+    assert torch.equal(base.loc[0][0], plain.argmax[0])
+    runner.close()
+
+
+def test_resume_reproduces_results(tiny_model, tiny_sae, tmp_path):
+    recs = make_records(6)
+    cfg_full = LifelongConfig(T=[3, 6], generative=False)
+    full = run_lifelong(tiny_model, tiny_sae, recs, cfg_full, method_config=MicroEditConfig(**CFG), reference_texts=REFS)
+
+    ck = tmp_path / "ck"
+    cfg = LifelongConfig(T=[3, 6], generative=False, checkpoint_dir=str(ck), checkpoint_every=2)
+    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), REFS)
+    calls = {"n": 0}
+    real_edit = runner.editor.edit
+
+    def flaky(req):
+        calls["n"] += 1
+        if calls["n"] == 9:  # interrupted in the middle of the T=6 chunk
+            raise KeyboardInterrupt
+        return real_edit(req)
+
+    runner.editor.edit = flaky
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(recs, cfg)
+    runner.close()
+    assert (ck / "progress.json").is_file()
+    resumed = run_lifelong(tiny_model, tiny_sae, recs, cfg, method_config=MicroEditConfig(**CFG), reference_texts=REFS)
+    for T in (3, 6):
+        a = [(r.reliability, r.generalization, r.locality, r.ppl) for r in full.runs[T].records]
+        b = [(r.reliability, r.generalization, r.locality, r.ppl) for r in resumed.runs[T].records]
+        assert a == b
