@@ -30,6 +30,23 @@ from microedit_lens.editor import batch_tokens
 KeepFn = Callable[[Tensor, int], Tensor]
 
 
+class DeadHookError(RuntimeError):
+    """Hook points that exist on the model never fired during its forward pass.
+
+    Known cause: ``copy.deepcopy`` of a :class:`sae_lens.HookedSAETransformer`. SAELens wraps every
+    ``block.mlp.forward`` in a lambda closing over the *original* MLP, so a deep copy's MLPs run the
+    original's weights and hook points: hooks added to the copy's ``mlp.hook_*`` are silently
+    ignored. Build a fresh model instead of deep-copying one.
+    """
+
+    def __init__(self, hook_names: Sequence[str]):
+        super().__init__(
+            f"hook point(s) {list(hook_names)[:4]} never fired; is this a deep-copied HookedSAETransformer "
+            "(its MLPs still run the original model's modules)? Load a fresh model instead."
+        )
+        self.hook_names = list(hook_names)
+
+
 # --------------------------------------------------------------------------------------- layers
 
 
@@ -149,6 +166,9 @@ def collect_activations(
             _, cache = model.run_with_cache(
                 tokens[sl].to(device), names_filter=lambda n: n in wanted, stop_at_layer=stop
             )
+            silent = [h for h in names if h not in cache]
+            if silent:
+                raise DeadHookError(silent)
             for h in names:
                 parts[h].append(cache[h].detach().float().cpu())
     return {h: torch.cat(v) for h, v in parts.items()}
@@ -191,9 +211,12 @@ def logits_with_neuron_masks(
     device = model.cfg.device
     pos = positions.to(device).unsqueeze(-1)
 
+    fired: set[int] = set()
+
     def make_hook(layer: int) -> Callable[[Tensor, Any], Tensor]:
         def hook(act: Tensor, hook: Any) -> Tensor:
             assert keep is not None
+            fired.add(layer)
             kept = keep(act, layer).to(device) | ~pos
             return act * kept.to(act.dtype)
 
@@ -202,6 +225,8 @@ def logits_with_neuron_masks(
     hooks = [] if keep is None else [(mlp_hook_name(l), make_hook(l)) for l in layers]
     with torch.no_grad():
         logits = model.run_with_hooks(tokens.to(device), fwd_hooks=hooks)
+    if keep is not None and fired != set(layers):
+        raise DeadHookError([mlp_hook_name(l) for l in layers if l not in fired])
     return logits.float().cpu()
 
 

@@ -244,23 +244,26 @@ def run(model: Any, cfg: EntanglementConfig, sae: Any = None) -> EntanglementRes
 
 
 def plot(result: EntanglementResult, path: str | Path) -> Path:
+    """Heatmaps: semantic similarity, then token-averaged and last-token IoU for neurons (and SAE
+    latents). The token-averaged panels share one colour scale so neurons and latents compare."""
     labels = [short_label(s) for s in result.config.statements]
-    panels: list[tuple[Tensor, str]] = [(result.semantic, f"semantic similarity (cos, resid L{result.layer})")]
-    rule = result.config.neuron_rule
-    nrule = f"top-{result.config.neuron_k} |act|" if rule == "topk" else f"|act| > {result.config.neuron_threshold:g}"
-    panels.append((result.neurons.tokens, f"neurons L{result.layer} ({nrule}), token-avg IoU\nunrelated {result.neurons.unrelated_tokens:.3f} (chance {result.neurons.chance:.3f})"))
-    panels.append((result.neurons.last, f"neurons, last-token IoU\nunrelated {result.neurons.unrelated_last:.3f}"))
+    cfg = result.config
+    nrule = f"top-{cfg.neuron_k} |act|" if cfg.neuron_rule == "topk" else f"|act| > {cfg.neuron_threshold:g}"
+    units = [(result.neurons, f"neurons L{result.layer} ({nrule})")]
     if result.sae is not None:
-        s = result.sae
-        panels.append((s.tokens, f"SAE latents ({s.width}, ~{s.mean_active:.0f} active), token-avg IoU\nunrelated {s.unrelated_tokens:.3f} (chance {s.chance:.4f})"))
-        panels.append((s.last, f"SAE latents, last-token IoU\nunrelated {s.unrelated_last:.3f}"))
+        units.append((result.sae, f"SAE latents ({result.sae.width}, ~{result.sae.mean_active:.0f} active)"))
+    tok_max = max(float(u.tokens.max()) for u, _ in units)
+    # (matrix, title, vmax)
+    panels: list[tuple[Tensor, str, float]] = [(result.semantic, f"semantic similarity (cos, resid L{result.layer})", 1.0)]
+    for u, name in units:
+        panels.append((u.tokens, f"{name}, token-avg IoU\nunrelated {u.unrelated_tokens:.3f} (chance {u.chance:.4f})", tok_max))
+        panels.append((u.last, f"{name}, last-token IoU\nunrelated {u.unrelated_last:.3f}", 1.0))
     ncols = 3 if len(panels) > 3 else len(panels)
     nrows = (len(panels) + ncols - 1) // ncols
     fig, axes = new_figure(5.2 * ncols, 4.8 * nrows, nrows, ncols)
     flat = list(axes.flat) if hasattr(axes, "flat") else [axes]
-    for ax, (m, title) in zip(flat, panels):
-        lo = min(0.0, float(m.min()))
-        heatmap(ax, m, labels, title, vmin=lo, vmax=1.0)
+    for ax, (m, title, vmax) in zip(flat, panels):
+        heatmap(ax, m, labels, title, vmin=min(0.0, float(m.min())), vmax=vmax)
     for ax in flat[len(panels):]:
         ax.set_visible(False)
     return save_figure(fig, path)

@@ -5,7 +5,7 @@ Each prompt (cut to ``max_tokens`` tokens) is represented by its residual stream
 in 2-D with t-SNE (a small exact implementation in numpy below, after a PCA to ``pca_dims``; no
 scikit-learn) and their separation is quantified without the projection: the k-nearest-neighbour
 label purity in the (PCA) residual space and in the 2-D embedding, against the purity expected by
-chance for the group sizes.
+chance for the group sizes, and the silhouette of the two groups in the residual space.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class GeometryConfig:
     edit_prompts: tuple[str, ...] = KNOWLEDGE_PROMPTS
     locality_prompts: tuple[str, ...] = LOCALITY_PROMPTS
     layer: int | None = None  # None: the 80 %-depth layer (24 of 30 for the embedded model)
-    max_tokens: int = 48
+    max_tokens: int = 32
     pca_dims: int = 50
     perplexity: float = 30.0  # lowered to (n - 1) / 3 for small inputs
     n_iter: int = 750
@@ -84,7 +84,7 @@ class GeometryResult:
     knn_purity_residual: float  # k-NN label purity in the PCA'd residual space
     knn_purity_embedding: float  # the same in the 2-D t-SNE embedding
     knn_purity_chance: float
-    centroid_cosine: float  # cosine of the two groups' mean residuals (after centring on all prompts)
+    silhouette: float  # mean silhouette of the two groups in the PCA'd residual space, in [-1, 1]
     kl_divergence: float  # final t-SNE objective
 
     def headline(self) -> dict[str, float]:
@@ -95,7 +95,7 @@ class GeometryResult:
             "knn_purity_residual": self.knn_purity_residual,
             "knn_purity_tsne": self.knn_purity_embedding,
             "knn_purity_chance": self.knn_purity_chance,
-            "centroid_cosine_centred": self.centroid_cosine,
+            "silhouette_residual": self.silhouette,
             "tsne_kl": self.kl_divergence,
         }
 
@@ -189,6 +189,22 @@ def knn_purity(x: Float[np.ndarray, "n d"], labels: Int[np.ndarray, " n"], k: in
     return float((labels[nn] == labels[:, None]).mean())
 
 
+def silhouette(x: Float[np.ndarray, "n d"], labels: Int[np.ndarray, " n"]) -> float:
+    """Mean silhouette coefficient (Euclidean): near 1 for well-separated groups, near 0 when they
+    overlap. Points of a one-member group count 0 (the usual convention)."""
+    d = np.sqrt(_squared_distances(x.astype(np.float64)))
+    scores = np.zeros(len(labels))
+    groups = np.unique(labels)
+    for i, lab in enumerate(labels):
+        own = labels == lab
+        if own.sum() < 2 or len(groups) < 2:
+            continue
+        a = d[i, own].sum() / (own.sum() - 1)
+        b = min(d[i, labels == g].mean() for g in groups if g != lab)
+        scores[i] = (b - a) / max(a, b, 1e-12)
+    return float(scores.mean())
+
+
 def chance_purity(labels: Int[np.ndarray, " n"]) -> float:
     """Expected k-NN purity when neighbours are drawn at random (independent of k)."""
     n = labels.shape[0]
@@ -215,14 +231,11 @@ def run(model: Any, cfg: GeometryConfig, sae: Any = None) -> GeometryResult:
     labels = np.array([0] * len(cfg.edit_prompts) + [1] * len(cfg.locality_prompts))
     feats = pca(x, cfg.pca_dims)
     emb, kl = tsne(feats, cfg.perplexity, cfg.n_iter, cfg.seed, cfg.learning_rate, cfg.early_exaggeration)
-    xc = x - x.mean(axis=0, keepdims=True)
-    a, b = xc[labels == 0].mean(axis=0), xc[labels == 1].mean(axis=0)
-    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
     result = GeometryResult(
         config=cfg, layer=layer, embedding=torch.from_numpy(emb).float(), labels=torch.from_numpy(labels),
         knn_purity_residual=knn_purity(feats, labels, cfg.knn),
         knn_purity_embedding=knn_purity(emb, labels, cfg.knn),
-        knn_purity_chance=chance_purity(labels), centroid_cosine=cos, kl_divergence=kl,
+        knn_purity_chance=chance_purity(labels), silhouette=silhouette(feats, labels), kl_divergence=kl,
     )
     logger.info("geometry: %d prompts, layer %d, kNN purity %.3f (chance %.3f)", len(prompts), layer, result.knn_purity_residual, result.knn_purity_chance)
     return result
@@ -241,7 +254,7 @@ def plot(result: GeometryResult, path: str | Path) -> Path:
     head = cfg.title or "t-SNE of late-layer residuals"
     ax.set_title(
         f"{head} (layer {result.layer})\n{cfg.knn}-NN purity: residual {result.knn_purity_residual:.2f}, "
-        f"t-SNE {result.knn_purity_embedding:.2f}, chance {result.knn_purity_chance:.2f}", fontsize=9,
+        f"t-SNE {result.knn_purity_embedding:.2f}, chance {result.knn_purity_chance:.2f}; silhouette {result.silhouette:.2f}", fontsize=9,
     )
     ax.legend(fontsize=7)
     return save_figure(fig, path)

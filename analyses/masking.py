@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class MaskingConfig:
     prompts: tuple[str, ...] = KNOWLEDGE_PROMPTS
-    keep_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
+    keep_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
     layers: tuple[int, ...] | None = None  # None: every layer
     top_k: int = 5
     skip_first: bool = True

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 logger = logging.getLogger("microedit_lens.cli")
@@ -47,6 +48,173 @@ def _train_sae_args(p: argparse.ArgumentParser):
         )
         out, q = train_sae(cfg)
         sys.stdout.write(json.dumps({"sae": str(out), **q.to_dict()}, indent=1) + "\n")
+        return 0
+
+    return run
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model source (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--sae", default=None, help="SAE directory (default: the SAE shipped for the embedded model)")
+
+
+def _method_config(a: argparse.Namespace):
+    from microedit_lens.methods import get_method
+
+    entry = get_method(a.method)
+    overrides = json.loads(a.config) if getattr(a, "config", None) else {}
+    return entry.config_class(**overrides)
+
+
+@command("sae-quality", "measure an SAE on held-out text: L0, FVU, CE loss recovered")
+def _sae_quality_args(p: argparse.ArgumentParser):
+    _add_model_args(p)
+    p.add_argument("--text", nargs="+", required=True, help="held-out text files")
+    p.add_argument("--windows", type=int, default=256, help="128-token windows to measure on")
+
+    def run(a: argparse.Namespace) -> int:
+        import torch
+
+        from microedit_lens import load_model, load_sae
+        from microedit_lens.sae_training import expand_text_files, measure_sae, tokenize_windows
+
+        model, sae = load_model(a.model), load_sae(a.sae)
+        wins = [w for ws in tokenize_windows(model.tokenizer, expand_text_files(a.text), 128).values() for w in ws]
+        q = measure_sae(model, sae, torch.tensor(wins[: a.windows]))
+        sys.stdout.write(json.dumps(q.to_dict(), indent=1) + "\n")
+        return 0
+
+    return run
+
+
+@command("eval", "lifelong benchmark (WISE protocol) on a benchmark file")
+def _eval_args(p: argparse.ArgumentParser):
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="benchmark file")
+    p.add_argument("--format", default=None, help="zsre|hallucination|counterfact|temporal|jsonl (default: detect)")
+    p.add_argument("--method", default="microedit")
+    p.add_argument("--config", default=None, help="JSON object of method config overrides")
+    p.add_argument("--T", type=int, nargs="+", default=[1, 10, 100, 1000])
+    p.add_argument("--limit", type=int, default=None, help="use the first N records")
+    p.add_argument("--reference", default=None,
+                   help="file of unrelated text for calibration (a JSON list of strings or a benchmark file); "
+                        "default: the built-in reference prompts")
+    p.add_argument("--reference-limit", type=int, default=500)
+    p.add_argument("--out", default="results.json")
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--no-generative", action="store_true", help="skip greedy exact-match scoring")
+    p.add_argument("--dedupe", default="keep", choices=["error", "skip", "keep"])
+
+    def run(a: argparse.Namespace) -> int:
+        from microedit_lens import load_model, load_sae
+        from microedit_lens.data import load_dataset
+        from microedit_lens.lifelong import LifelongConfig, run_lifelong
+
+        ds = load_dataset(a.data, format=a.format, limit=a.limit, dedupe=a.dedupe)
+        refs = _reference_texts(a.reference, a.reference_limit)
+        model, sae = load_model(a.model), load_sae(a.sae)
+        cfg = LifelongConfig(T=a.T, generative=not a.no_generative, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every)
+        res = run_lifelong(model, sae, ds.records, cfg, a.method, _method_config(a), refs, dataset_name=str(a.data))
+        res.to_json(a.out)
+        has_paraphrases = any(r.paraphrases for r in ds.records)
+        md = res.to_markdown(ppl=not has_paraphrases)
+        Path(a.out).with_suffix(".md").write_text(md)
+        sys.stdout.write(md)
+        return 0
+
+    return run
+
+
+def _reference_texts(path: str | None, limit: int) -> list[str]:
+    from microedit_lens.data import load_dataset, load_text_list
+    from microedit_lens.facts import REFERENCE_PROMPTS
+
+    if path is None:
+        return list(REFERENCE_PROMPTS)
+    try:
+        return load_text_list(path, limit=limit)
+    except Exception:
+        ds = load_dataset(path, limit=limit, skip_invalid=True, dedupe="keep")
+        return [r.prompt for r in ds.records]
+
+
+@command("edit", "edit one fact on the embedded model, show before/after generations, save the state")
+def _edit_args(p: argparse.ArgumentParser):
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--paraphrase", action="append", default=[])
+    p.add_argument("--method", default="microedit")
+    p.add_argument("--config", default=None, help="JSON object of method config overrides")
+    p.add_argument("--state", default=None, help="existing editor state to continue from")
+    p.add_argument("--save", default="microedit_state", help="where to save the editor state")
+    p.add_argument("--tokens", type=int, default=8, help="tokens to generate")
+
+    def run(a: argparse.Namespace) -> int:
+        from microedit_lens import EditRequest, load_model, load_sae
+        from microedit_lens.demo import generate
+        from microedit_lens.facts import REFERENCE_PROMPTS
+        from microedit_lens.methods import get_method
+
+        model, sae = load_model(a.model), load_sae(a.sae)
+        entry = get_method(a.method)
+        if a.state:
+            editor = entry.method_class.load(a.state, model)
+        else:
+            editor = entry.method_class(model, sae, _method_config(a))
+            editor.prepare(REFERENCE_PROMPTS)
+        req = EditRequest(a.prompt, a.target, paraphrases=tuple(a.paraphrase))
+        prompts = [req.prompt, *req.paraphrases]
+        with editor.detached():
+            before = [generate(model, p, a.tokens) for p in prompts]
+        res = editor.edit(req)[0]
+        after = [generate(model, p, a.tokens) for p in prompts]
+        for p, b, c in zip(prompts, before, after):
+            sys.stdout.write(f"{p!r}\n  before: {b!r}\n  after:  {c!r}\n")
+        sys.stdout.write(json.dumps({k: v for k, v in res.to_dict().items() if k != "request"}, indent=1) + "\n")
+        editor.save(a.save)
+        sys.stdout.write(f"saved editor state ({editor.n_edits} edits) to {a.save}\n")
+        return 0
+
+    return run
+
+
+@command("demo", "edit ~10 facts on the embedded model; before/after table and an HTML report")
+def _demo_args(p: argparse.ArgumentParser):
+    _add_model_args(p)
+    p.add_argument("--n", type=int, default=10, help="number of built-in facts to edit")
+    p.add_argument("--out", default="microedit_demo.html")
+
+    def run(a: argparse.Namespace) -> int:
+        from microedit_lens.demo import run_demo
+
+        report = run_demo(n=a.n, model_source=a.model, sae_source=a.sae, html_path=a.out)
+        sys.stdout.write(report.text + "\n")
+        return 0
+
+    return run
+
+
+@command("analyze", "run one of the paper's Section 2 analyses and write its figure")
+def _analyze_args(p: argparse.ArgumentParser):
+    _add_model_args(p)
+    p.add_argument("name", help="analysis name (see --list)")
+    p.add_argument("--out-dir", default="docs/figures")
+    p.add_argument("--set", action="append", default=[], help="config override KEY=JSON_VALUE")
+
+    def run(a: argparse.Namespace) -> int:
+        from analyses import ANALYSES, run_analysis
+
+        from microedit_lens import load_model, load_sae
+
+        if a.name not in ANALYSES:
+            raise SystemExit(f"unknown analysis '{a.name}'; available: {', '.join(sorted(ANALYSES))}")
+        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
+        model = load_model(a.model)
+        sae = load_sae(a.sae)
+        result, png = run_analysis(a.name, model, sae=sae, out_dir=a.out_dir, **overrides)
+        sys.stdout.write(f"wrote {png}\n")
         return 0
 
     return run

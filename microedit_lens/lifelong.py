@@ -172,7 +172,7 @@ class LifelongRunner:
     def baselines(self, records: Sequence[EditRequest], batch_size: int) -> _Baselines:
         prompts, answers, owner = [], [], []
         for i, r in enumerate(records):
-            for p, a in zip(r.locality_prompts, r.locality_answers):
+            for p, a in _locality_pairs(r):
                 prompts.append(p)
                 answers.append(a)
                 owner.append(i)
@@ -190,7 +190,7 @@ class LifelongRunner:
             rel = metrics.teacher_forced(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad)
             para = [(i, p) for i, r in enumerate(records) for p in r.paraphrases]
             gen = metrics.teacher_forced(self.model, [p for _, p in para], [records[i].target for i, _ in para], cfg.batch_size, pad)
-            locs = [(i, p, a) for i, r in enumerate(records) for p, a in zip(r.locality_prompts, r.locality_answers)]
+            locs = [(i, p, a) for i, r in enumerate(records) for p, a in _locality_pairs(r)]
             loc = metrics.teacher_forced(self.model, [p for _, p, _ in locs], [a for _, _, a in locs], cfg.batch_size, pad)
             em = (metrics.greedy_exact_match(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad)
                   if cfg.generative else [float("nan")] * len(records))
@@ -287,6 +287,12 @@ class LifelongRunner:
     def _restore_editor(self, path: Path) -> None:
         self.editor.detach()
         self.editor = self.method_class.load(path, self.model, sae=self.sae)
+
+
+def _locality_pairs(r: EditRequest) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs; a locality prompt without an answer is scored on all its positions."""
+    answers = r.locality_answers or ("",) * len(r.locality_prompts)
+    return list(zip(r.locality_prompts, answers))
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:

@@ -50,14 +50,23 @@ class TeacherForced:
 
 
 def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of prompt and answer (the answer with a joining space when neither side has one)."""
+    """Token ids of prompt and answer (the answer with a joining space when neither side has one).
+    An empty answer is allowed (locality prompts without an answer) and gives no answer ids."""
     if answer and not prompt[-1:].isspace() and not answer[0].isspace():
         answer = " " + answer
     p = tokenizer(prompt, add_special_tokens=False).input_ids
-    a = tokenizer(answer, add_special_tokens=False).input_ids
-    if not p or not a:
+    a = tokenizer(answer, add_special_tokens=False).input_ids if answer else []
+    if not p or (answer.strip() and not a):
         raise ValueError(f"empty prompt or answer after tokenization: {prompt[:60]!r} / {answer[:60]!r}")
     return p, a
+
+
+def scored_positions(n_prompt: int, n_answer: int) -> torch.Tensor:
+    """Positions whose logits are scored: those predicting the answer tokens or, for an empty answer,
+    every position of the prompt (the locality of a bare prompt: all its next-token argmaxes)."""
+    if n_answer:
+        return torch.arange(n_prompt - 1, n_prompt + n_answer - 1)
+    return torch.arange(0, n_prompt)
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[torch.Tensor, "b s"], torch.Tensor]:
@@ -94,8 +103,8 @@ def teacher_forced(
             logits = model(toks.to(model.cfg.device))
         lp = logits.float().log_softmax(-1).cpu()
         for j, (p, a) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
-            tgt = torch.tensor(a)
+            pos = scored_positions(len(p), len(a))
+            tgt = torch.tensor(a if a else p[1:] + [pad_id], dtype=torch.long)
             out.argmax.append(lp[j, pos].argmax(-1))
             out.targets.append(tgt)
             out.nll.append(-lp[j, pos].gather(-1, tgt[:, None]).squeeze(-1))

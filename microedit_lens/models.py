@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformerConfig
 
@@ -125,6 +126,37 @@ def load_hf_embedded(dtype: torch.dtype = torch.float32):
     return hf_model, tokenizer
 
 
+# TransformerLens 3.9 re-lays-out weights on every forward (``W.T.contiguous()``, ``rearrange(...)
+# .contiguous()``) to match HF's memory layout; for short CPU inputs these copies cost more than the
+# matmuls (a 6-token SmolLM2 forward: ~0.5 s, 60% of it copies). Storing each weight in the layout
+# that forward asks for makes those calls no-ops: same values, same F.linear, bitwise-identical logits.
+_LAYOUTS: dict[str, Any] = {
+    "W_in": lambda w: w.T.contiguous().T,  # F.linear(x, W_in.T.contiguous())
+    "W_gate": lambda w: w.T.contiguous().T,
+    "W_out": lambda w: w.T.contiguous().T,
+    "W_U": lambda w: w.T.contiguous().T,
+    "W_Q": lambda w: w.permute(0, 2, 1).contiguous().permute(0, 2, 1),  # "n m h -> (n h) m"
+    "W_K": lambda w: w.permute(0, 2, 1).contiguous().permute(0, 2, 1),
+    "W_V": lambda w: w.permute(0, 2, 1).contiguous().permute(0, 2, 1),
+    "_W_K": lambda w: w.permute(0, 2, 1).contiguous().permute(0, 2, 1),
+    "_W_V": lambda w: w.permute(0, 2, 1).contiguous().permute(0, 2, 1),
+    "W_O": lambda w: w.permute(2, 0, 1).contiguous().permute(1, 2, 0),  # "n h m -> m (n h)"
+}
+
+
+@torch.no_grad()
+def relayout_for_inference(model: Any) -> Any:
+    """Store the weights of ``model`` in the memory layout its forward pass uses (see ``_LAYOUTS``).
+    Values are unchanged; only strides differ. Returns the model."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            fn = _LAYOUTS.get(name)
+            if fn is not None and param.dim() in (2, 3):
+                new = nn.Parameter(fn(param.detach()), requires_grad=param.requires_grad)
+                setattr(module, name, new)
+    return model
+
+
 def _build_hooked(cfg: HookedTransformerConfig, tokenizer: Any, state_dict: dict[str, torch.Tensor] | None):
     """The one constructor of hooked models. ``state_dict`` is already in TL layout and processed."""
     kwargs = {"default_padding_side": "right"} if tokenizer is not None else {}
@@ -137,7 +169,7 @@ def _build_hooked(cfg: HookedTransformerConfig, tokenizer: Any, state_dict: dict
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return relayout_for_inference(model)
 
 
 def _convert_embedded(info: EmbeddedModelInfo) -> None:
@@ -243,6 +275,7 @@ def load_model(
                 + f": {type(exc).__name__}: {exc}. The embedded default is '{DEFAULT_MODEL}'."
             ) from exc
         model.eval()
+        relayout_for_inference(model)
     else:
         raise TypeError(f"load_model expects None, a model name or a HookedTransformerConfig, got {type(source).__name__}")
     return model.to(device)
