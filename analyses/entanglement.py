@@ -83,6 +83,9 @@ class EntanglementConfig:
             raise ValueError("neuron_k must be >= 1")
         if not float(self.neuron_threshold) >= 0:
             raise ValueError("neuron_threshold must be >= 0")
+        object.__setattr__(self, "highlight", tuple(int(x) for x in self.highlight))
+        if len(self.highlight) != 2:
+            raise ValueError(f"highlight must be a pair of statement indices, got {self.highlight}")
         i, j = self.highlight
         if not (0 <= i < len(self.statements) and 0 <= j < len(self.statements)) or i == j:
             raise ValueError(f"highlight must be two distinct statement indices, got {self.highlight}")

@@ -3,7 +3,9 @@
 At the chosen layers (default: all), each token keeps only its top ``p`` fraction of MLP neurons by
 ``|activation|`` (``blocks.{l}.mlp.hook_post``) and the rest are zeroed; the next-token predictions
 are compared with the unmodified model's (top-1 agreement, ordered top-5 agreement, Jaccard of the
-top-5 sets) as ``p`` varies. Position 0 (attention sink) is neither masked nor scored.
+top-5 sets) as ``p`` varies. As a floor, the same metrics with *every* neuron of those layers zeroed
+(``p = 0``): the agreement that survives without the MLPs at all. Position 0 (attention sink) is
+neither masked nor scored.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class MaskingResult:
     top1: Float[Tensor, " n_fractions"]
     topk_exact: Float[Tensor, " n_fractions"]
     topk_jaccard: Float[Tensor, " n_fractions"]
+    zeroed: Agreement  # every neuron at the masked layers zeroed (the floor)
     n_positions: int
 
     def agreement_at(self, i: int) -> Agreement:
@@ -72,6 +75,7 @@ class MaskingResult:
         out: dict[str, float] = {"n_positions": float(self.n_positions), "n_layers_masked": float(len(self.layers))}
         for i, p in enumerate(self.keep_fractions):
             out.update(self.agreement_at(i).as_dict(prefix=f"keep_{100 * p:g}pct_"))
+        out.update(self.zeroed.as_dict(prefix="all_zeroed_"))
         hit = [p for i, p in enumerate(self.keep_fractions) if float(self.top1[i]) >= 0.9]
         out["min_keep_fraction_for_top1_ge_0.9"] = min(hit) if hit else float("nan")
         return out
@@ -88,6 +92,11 @@ def keep_top_fraction(fraction: float) -> KeepFn:
     return keep
 
 
+def keep_none(act: Tensor, layer: int) -> Tensor:
+    """Zero every neuron."""
+    return torch.zeros_like(act, dtype=torch.bool)
+
+
 def run(model: Any, cfg: MaskingConfig, sae: Any = None) -> MaskingResult:
     """Agreement with the clean model when only the top-p% neurons survive (``sae`` is unused)."""
     layers = resolve_layers(model, cfg.layers)
@@ -99,12 +108,13 @@ def run(model: Any, cfg: MaskingConfig, sae: Any = None) -> MaskingResult:
         masked = logits_with_neuron_masks(model, tokens, pos, layers, keep_top_fraction(p))
         rows.append(agreement(clean, masked, pos, cfg.top_k))
         logger.info("masking: keep %.3g -> %s", p, rows[-1])
+    zeroed = agreement(clean, logits_with_neuron_masks(model, tokens, pos, layers, keep_none), pos, cfg.top_k)
     return MaskingResult(
         config=cfg, layers=layers, keep_fractions=cfg.keep_fractions,
         top1=torch.tensor([r.top1 for r in rows]),
         topk_exact=torch.tensor([r.topk_exact for r in rows]),
         topk_jaccard=torch.tensor([r.topk_jaccard for r in rows]),
-        n_positions=int(pos.sum()),
+        zeroed=zeroed, n_positions=int(pos.sum()),
     )
 
 
@@ -115,6 +125,8 @@ def plot(result: MaskingResult, path: str | Path) -> Path:
     ax.plot(x, result.top1.numpy(), marker="o", label="top-1 agreement")
     ax.plot(x, result.topk_exact.numpy(), marker="s", label=f"top-{k} exact (ordered)")
     ax.plot(x, result.topk_jaccard.numpy(), marker="^", label=f"top-{k} Jaccard")
+    ax.axhline(result.zeroed.top1, color="C0", ls=":", lw=1, label=f"top-1, all neurons zeroed ({result.zeroed.top1:.2f})")
+    ax.axhline(result.zeroed.topk_jaccard, color="C2", ls=":", lw=1, label=f"top-{k} Jaccard, all zeroed ({result.zeroed.topk_jaccard:.2f})")
     ax.set_xscale("log")
     ax.set_xlabel("neurons kept per token (%, by |activation|)")
     ax.set_ylabel("agreement with the unmasked model")

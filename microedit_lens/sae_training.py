@@ -334,3 +334,19 @@ Held-out text: the last {cfg.heldout_fraction:.0%} of every training file (never
 Measure again with `microedit sae-quality --sae {out}`.
 """
     (out / "MODEL_CARD.md").write_text(card)
+
+
+def sae_from_checkpoint(path: str | Path) -> Any:
+    """An inference TopK SAE from a SAELens trainer checkpoint folder: loads the training weights,
+    folds the activation scaling factor and the decoder-norm rescaling (as the final save does)."""
+    from sae_lens import SAE
+
+    path = Path(path)
+    sae = SAE.load_from_disk(str(path), device="cpu")
+    scaler = path / "activation_scaler.json"
+    if scaler.is_file():
+        factor = json.loads(scaler.read_text()).get("scaling_factor")
+        if factor is not None:
+            sae.fold_activation_norm_scaling_factor(float(factor))
+    fold_for_editing(sae)
+    return sae

@@ -164,6 +164,8 @@ def test_masking_ranges_and_full_keep(tiny_model, tmp_path):
     for t in (r.top1, r.topk_exact, r.topk_jaccard):
         assert t.shape == (3,) and _in_unit_interval(t)
     assert r.agreement_at(2).as_dict() == {"top1": 1.0, "top5_exact": 1.0, "top5_jaccard": 1.0}
+    assert _in_unit_interval([r.zeroed.top1, r.zeroed.topk_exact, r.zeroed.topk_jaccard])
+    assert r.zeroed.top1 < 1.0  # zeroing every MLP neuron changes a random model's predictions
     assert torch.all(r.topk_exact <= r.topk_jaccard + 1e-6)  # an exact top-5 match has Jaccard 1
     r2 = masking.run(tiny_model, cfg)
     assert torch.equal(r.top1, r2.top1) and torch.equal(r.topk_jaccard, r2.topk_jaccard)
@@ -371,3 +373,12 @@ def test_make_figures_helpers(tmp_path):
     data = json.loads(path.read_text())
     assert data == {"a": {"headline": {"x": 1.0, "y": None}}, "b": {"headline": {"z": 2.0}}}
     assert make_figures.find_sae("none") is None
+
+
+def test_json_style_overrides_become_tuples(tiny_model, tmp_path):
+    """``microedit analyze --set KEY=JSON`` passes lists; configs normalise them to tuples."""
+    result, _ = run_analysis("sparsity", tiny_model, out_dir=tmp_path, prompts=list(PROMPTS), thresholds=[0.1, 0.2], layers=[0])
+    assert result.config.thresholds == (0.1, 0.2) and result.config.layers == (0,) and result.layers == (0,)
+    cfg = entanglement.EntanglementConfig(highlight=[0, 2], statements=list(ENTANGLEMENT_STATEMENTS), topics=list(ENTANGLEMENT_TOPICS))
+    assert cfg.highlight == (0, 2) and isinstance(cfg.statements, tuple) and isinstance(cfg.topics, tuple)
+    hash(cfg)  # frozen and hashable

@@ -155,8 +155,8 @@ def test_nan_loss_rolls_back_only_the_failing_edit(tiny_model, tiny_sae, referen
     W = ed.sae.W_dec.detach().clone()
     real = ed._target_stats
 
-    def nan_stats(prob, z_hat):
-        nll, margin = real(prob, z_hat)
+    def nan_stats(prob, z_hat, fast=False):
+        nll, margin = real(prob, z_hat, fast)
         return nll * float("nan"), margin
 
     monkeypatch.setattr(ed, "_target_stats", nan_stats)
