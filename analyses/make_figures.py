@@ -19,7 +19,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 from analyses import get_spec, run_analysis
 from analyses.prompts import hallucination_edit_locality, zsre_edit_locality
@@ -57,7 +58,7 @@ def _hallucination(args: argparse.Namespace) -> dict[str, Any]:
                 title=f"Hallucination, first {len(edit)} records")
 
 
-FIGURES: dict[str, FigureJob] = {
+FIGURES: Mapping[str, FigureJob] = MappingProxyType({
     "sparsity": FigureJob("sparsity", "fig1a_sparsity.png"),
     "masking": FigureJob("masking", "fig1b_masking.png"),
     # the same intervention at one late layer only (layer 24 of 30: the SAE's layer)
@@ -70,7 +71,7 @@ FIGURES: dict[str, FigureJob] = {
     ),
     "geometry_zsre": FigureJob("geometry", "fig5_geometry_zsre.png", _zsre),
     "geometry_hallucination": FigureJob("geometry", "fig6_geometry_hallucination.png", _hallucination),
-}
+})
 
 
 def find_sae(path: str | None) -> Path | None:

@@ -132,7 +132,9 @@ def plot(result: MaskingResult, path: str | Path) -> Path:
     ax.set_ylabel("agreement with the unmasked model")
     ax.set_ylim(0, 1.02)
     n_l = len(result.layers)
-    ax.set_title(f"Keep only the top-p% MLP neurons at {n_l} layer{'s' if n_l > 1 else ''} ({result.n_positions} positions)", fontsize=9)
+    where = f"all {n_l} layers" if result.config.layers is None else (
+        f"layer{'s' if n_l > 1 else ''} {', '.join(map(str, result.layers))}" if n_l <= 4 else f"{n_l} layers")
+    ax.set_title(f"Keep only the top-p% MLP neurons at {where} ({result.n_positions} positions)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return save_figure(fig, path)

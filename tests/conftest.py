@@ -4,7 +4,6 @@ excluded by default)."""
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -33,17 +32,14 @@ def data_dir() -> Path:
     return DATA
 
 
-@pytest.fixture(scope="session")
-def _tiny_model_base():
-    from microedit_lens.testing import tiny_model
-
-    return tiny_model()
-
-
 @pytest.fixture
-def tiny_model(_tiny_model_base):
-    """A fresh copy per test: tests attach hooks and edit weights (SAELens load_model_cached idea)."""
-    return copy.deepcopy(_tiny_model_base)
+def tiny_model():
+    """A freshly built model per test: tests attach hooks and edit weights. (Not a deepcopy: SAELens
+    wraps each MLP's forward in a closure over the original module, so a deepcopy's MLP hooks would
+    silently act on the original.)"""
+    from microedit_lens.testing import tiny_model as make
+
+    return make()
 
 
 @pytest.fixture
