@@ -213,7 +213,7 @@ def _analyze_args(p: argparse.ArgumentParser):
             raise SystemExit(f"unknown analysis '{a.name}'; available: {', '.join(sorted(ANALYSES))}")
         overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
         model = load_model(a.model)
-        sae = load_sae(a.sae)
+        sae = load_sae(a.sae) if ANALYSES[a.name].uses_sae else None
         result, png = run_analysis(a.name, model, sae=sae, out_dir=a.out_dir, **overrides)
         sys.stdout.write(f"wrote {png}\n")
         return 0

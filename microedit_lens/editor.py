@@ -59,6 +59,7 @@ class HookSite:
     def __init__(self, model: Any, hook_name: str):
         self.model = model
         self.hook_name = hook_name
+        self._fast: Any = None
         parts = hook_name.split(".")
         self.layer = int(parts[1]) if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() else None
         self.start_layer: int | None = None
@@ -77,17 +78,45 @@ class HookSite:
         )
         return cache[self.hook_name]
 
+    def fast_model(self) -> Any:
+        """A bf16 copy of the model for optimisation steps (built once; only for residual hooks).
+        Built from the config and state dict, not ``deepcopy`` (SAELens binds MLP hooks to the
+        original modules)."""
+        if self._fast is None:
+            from transformer_lens import HookedTransformer
+
+            from microedit_lens.models import relayout_for_inference
+
+            cfg = self.model.cfg
+            fast = HookedTransformer(type(cfg)(**{**_cfg_kwargs(cfg), "dtype": torch.bfloat16}), move_to_device=False)
+            sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
+            fast.load_state_dict(sd, strict=False, assign=True)
+            fast.eval()
+            for p in fast.parameters():
+                p.requires_grad_(False)
+            self._fast = relayout_for_inference(fast.to(cfg.device))
+        return self._fast
+
     def logits_from(
-        self, resid: Float[torch.Tensor, "batch seq d"], tokens: Int[torch.Tensor, "batch seq"]
+        self, resid: Float[torch.Tensor, "batch seq d"], tokens: Int[torch.Tensor, "batch seq"], fast: bool = False
     ) -> Float[torch.Tensor, "batch seq vocab"]:
-        """Logits when the activation at the hook is ``resid`` (differentiable in ``resid``)."""
+        """Logits when the activation at the hook is ``resid`` (differentiable in ``resid``).
+        ``fast``: run the layers after the hook in the bf16 copy (residual hooks only)."""
         if self.start_layer is not None:
+            if fast:
+                return self.fast_model()(resid.to(torch.bfloat16), start_at_layer=self.start_layer).float()
             return self.model(resid, start_at_layer=self.start_layer)
 
         def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
             return resid.to(act.dtype)
 
         return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, replace)])
+
+
+def _cfg_kwargs(cfg: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init and f.name != "n_params"}
 
 
 @dataclass
@@ -186,7 +215,7 @@ class AnchorBank:
         return (torch.cat(self._idx), torch.cat(self._vals), torch.cat(self._target), torch.cat(self._weight))
 
     @torch.no_grad()
-    def select(self, rows: Int[torch.Tensor, " m"], W_dec: torch.Tensor, b_dec: torch.Tensor, chunk: int = 1024) -> SelectedAnchors:
+    def select(self, rows: Int[torch.Tensor, " m"], W_dec: torch.Tensor, b_dec: torch.Tensor) -> SelectedAnchors:
         """The anchored positions that use any of ``rows`` (sorted), with their current residual."""
         m = rows.shape[0]
         if len(self) == 0:
@@ -196,10 +225,13 @@ class AnchorBank:
         hit = torch.isin(idx, rows.to(torch.int32)) & (vals > 0)
         sel = hit.any(1).nonzero().squeeze(1)
         idx, vals, target, weight, hit = idx[sel].long(), vals[sel], target[sel], weight[sel], hit[sel]
-        residual = torch.cat(
-            [sparse_decode(vals[i : i + chunk], idx[i : i + chunk], W_dec, b_dec) - target[i : i + chunk]
-             for i in range(0, len(sel), chunk)]
-        ) if len(sel) else torch.zeros(0, self.d)
+        n_sel = len(sel)
+        # current reconstruction of the selected positions as one sparse x dense matmul (no [n, k, d]
+        # gather): codes C [n_sel, d_sae] @ W_dec + b_dec
+        rows_all = torch.arange(n_sel).repeat_interleave(idx.shape[1])
+        C = torch.sparse_coo_tensor(torch.stack([rows_all, idx.reshape(-1)]), vals.reshape(-1).to(W_dec.dtype),
+                                    (n_sel, W_dec.shape[0]), check_invariants=False)
+        residual = (torch.sparse.mm(C, W_dec) + b_dec - target) if n_sel else torch.zeros(0, self.d)
         r, c = hit.nonzero(as_tuple=True)
         cols = torch.searchsorted(rows, idx[r, c])
         A = torch.sparse_coo_tensor(torch.stack([r, cols]), vals[r, c], (len(sel), m), check_invariants=False).coalesce()

@@ -76,12 +76,16 @@ class MicroEditConfig:
     """Weight of the anchor on earlier edits' reconstructions (0 = the paper's plain method)."""
     reference_weight: float = 1.0
     """Weight of the anchor on reference-text reconstructions (0 = off)."""
+    max_latent_rate: float | None = None
+    """Train only latents that fire on at most this share of reference tokens (measured by
+    :meth:`MicroEditor.calibrate`); frequent 'format' latents are then left to every input alike.
+    ``None``: train every active latent (the paper's mask)."""
     skip_first: int = 1
     """Leading positions never replaced nor counted in ARD (position 0 is an attention sink)."""
     seed: int = 0
     bf16_steps: bool = True
-    """Run the layers after the hook in bf16 autocast during optimisation steps (~2-3x faster on CPUs
-    with bf16 matmul); the final success check is always in the model's dtype."""
+    """Run the layers after the hook in a bf16 copy of the model during optimisation steps (residual
+    hooks; costs one bf16 copy of the weights); the final success check uses the model itself."""
     keep_history: bool = True
     """Keep per-edit row snapshots (undo/rollback to any edit). Without them only rollback(0) works,
     which saves ~m x d floats per edit (long benchmark runs)."""
@@ -102,6 +106,8 @@ class MicroEditConfig:
         for name in ("rec_weight", "edit_weight", "memory_weight", "reference_weight", "target_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_latent_rate is not None and not 0.0 < self.max_latent_rate <= 1.0:
+            raise ValueError(f"max_latent_rate must be in (0, 1], got {self.max_latent_rate}")
         if self.skip_first < 0:
             raise ValueError("skip_first must be >= 0")
 
@@ -179,6 +185,8 @@ class MicroEditor(EditMethod):
         self.results: list[EditResult] = []
         self._W_dec0 = self.sae.W_dec.detach().clone()
         self._touched = torch.zeros(self.sae.cfg.d_sae, dtype=torch.bool)
+        self.latent_rate: torch.Tensor | None = None
+        """Share of reference tokens each latent fires on (set by calibrate)."""
         self._original_hook: Any = None
         if attach:
             self.attach()
@@ -258,6 +266,7 @@ class MicroEditor(EditMethod):
         q = self.cfg.tau_quantile if quantile is None else quantile
         self.reference = AnchorBank(self.sae.cfg.d_in, self.sae.cfg.k)
         ards, n_tok = [], 0
+        fired = torch.zeros(self.sae.cfg.d_sae)
         for i in range(0, len(texts), batch_size):
             toks, mask = batch_tokens(self.model, texts[i : i + batch_size])
             z, vals, idx = self._clean_and_codes(toks)
@@ -265,9 +274,11 @@ class MicroEditor(EditMethod):
             valid = valid_positions(*toks.shape, self.cfg.skip_first, z.device, ~mask)
             ards.append(ard(recon, z, valid, self.cfg.alpha))
             self.reference.add(-1, idx[valid], vals[valid], recon[valid], weight=1.0)
+            fired.index_add_(0, idx[valid][vals[valid] > 0].reshape(-1).cpu(), torch.ones(int((vals[valid] > 0).sum())))
             n_tok += int(valid.sum())
         # every reference token weighs 1/n_tok: the anchor is a mean over reference tokens
         self.reference._weight = [w / max(n_tok, 1) for w in self.reference._weight]
+        self.latent_rate = fired / max(n_tok, 1)
         a = torch.cat(ards)
         tau = float(torch.quantile(a[torch.isfinite(a)], q))
         if set_tau and self.cfg.tau is None:
@@ -313,8 +324,13 @@ class MicroEditor(EditMethod):
         vals, idx = vals[0], idx[0]
         active = (vals > 0) & valid[:, None]
         rows = torch.unique(idx[active])
+        if self.cfg.max_latent_rate is not None:
+            if self.latent_rate is None:
+                raise ValueError("max_latent_rate needs latent firing rates: call calibrate(reference_texts) first")
+            rows = rows[self.latent_rate[rows.cpu()].to(rows.device) <= self.cfg.max_latent_rate]
         if rows.numel() == 0:
-            raise EditError("no SAE latent is active on the edit sequence (is it only one token long?)")
+            raise EditError("no trainable SAE latent is active on the edit sequence (only one token long, or "
+                            "every active latent is more frequent than max_latent_rate)")
         W, b = self.sae.W_dec, self.sae.b_dec
         trainable = active & torch.isin(idx, rows)
         z_fixed = sparse_decode(vals * ~trainable, idx, W, b)
@@ -338,9 +354,8 @@ class MicroEditor(EditMethod):
     def _target_stats(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL of the target, min log-prob margin of target over the best other token)."""
         resid = torch.where(prob.valid[None, :, None], z_hat[None].to(prob.z.dtype), prob.z)
-        device_type = resid.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=fast and self.cfg.bf16_steps):
-            logits = self.site.logits_from(resid, prob.seq.tokens[None])[0, prob.seq.target_positions]
+        fast = fast and self.cfg.bf16_steps
+        logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast)[0, prob.seq.target_positions]
         lp = logits.float().log_softmax(-1)
         tgt = prob.seq.target_ids[:, None]
         tgt_lp = lp.gather(-1, tgt).squeeze(-1)
@@ -433,6 +448,8 @@ class MicroEditor(EditMethod):
         tensors.update(self.history.tensors())
         tensors.update(self.memory.tensors("memory"))
         tensors.update(self.reference.tensors("reference"))
+        if self.latent_rate is not None:
+            tensors["latent_rate"] = self.latent_rate
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "state.safetensors"))
         self.sae.save_model(str(path / "sae"))
         meta = {
@@ -477,6 +494,7 @@ class MicroEditor(EditMethod):
         editor.memory = AnchorBank.from_tensors(tensors, "memory", d, k)
         editor.reference = AnchorBank.from_tensors(tensors, "reference", d, k)
         editor.results = [EditResult.from_dict(r) for r in meta["results"]]
+        editor.latent_rate = tensors.get("latent_rate")
         if meta["tau"] is not None:
             editor.tau = meta["tau"]
         if attach:

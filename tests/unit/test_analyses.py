@@ -114,14 +114,15 @@ def test_unmasked_hooks_reproduce_clean_logits(tiny_model):
     assert not torch.allclose(zero[pos], clean[pos])
 
 
-def test_dead_mlp_hooks_are_reported(_tiny_model_base):
-    """conftest's fixture deep-copies a HookedSAETransformer; if its MLP hooks are dead, the
-    analyses must say so instead of reporting perfect agreement."""
+def test_dead_mlp_hooks_are_reported():
+    """A deep copy of a HookedSAETransformer has dead MLP hooks (SAELens binds them to the original
+    modules); the analyses must say so instead of reporting perfect agreement."""
     import copy
 
     from analyses.common import DeadHookError
+    from microedit_lens.testing import tiny_model
 
-    model = copy.deepcopy(_tiny_model_base)
+    model = copy.deepcopy(tiny_model())
     toks, mask = tokenize(model, PROMPTS[:2])
     seen: list[str] = []
     model.run_with_hooks(toks, fwd_hooks=[("blocks.0.mlp.hook_post", lambda a, hook: seen.append(hook.name))])

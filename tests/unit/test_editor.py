@@ -121,6 +121,7 @@ def test_save_load_reproduces_logits_bitwise(tiny_model, tiny_sae, reference_tex
     assert meta["n_edits"] == 2 and len(meta["results"]) == 2
     ed2 = MicroEditor.load(tmp_path / "ed", tiny_model)
     assert torch.equal(ed2.sae.W_dec, ed.sae.W_dec)
+    assert torch.equal(ed2.latent_rate, ed.latent_rate) and ed2.tau == ed.tau
     assert torch.equal(tiny_model(TOKS), logits)
     ed2.detach()
     # loading onto the original SAE applies the saved rows
@@ -194,6 +195,17 @@ def test_decoder_norm_rescaling_is_folded(tiny_model, reference_texts):
     assert ed.sae.cfg.rescale_acts_by_decoder_norm is False and sae.cfg.rescale_acts_by_decoder_norm is True
 
 
+def test_frequent_latents_can_be_frozen(tiny_model, tiny_sae, reference_texts):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, max_latent_rate=0.05)
+    assert ed.latent_rate is not None and ed.latent_rate.shape == (128,)
+    before = ed.sae.W_dec.detach().clone()
+    ed.edit(REQS[0])
+    changed = (ed.sae.W_dec != before).any(-1)
+    assert (ed.latent_rate[changed] <= 0.05).all()
+    with pytest.raises(ValueError):
+        MicroEditConfig(max_latent_rate=0.0)
+
+
 def test_config_validation():
     for bad in (dict(lr=0), dict(alpha=-1), dict(tau=0), dict(tau_quantile=1.5), dict(stage2_max_steps=0),
                 dict(ard_margin=0), dict(memory_weight=-1)):
@@ -234,6 +246,17 @@ def test_fast_path_matches_full_forward(tiny_model):
     site.start_layer = None
     slow = site.logits_from(z, TOKS)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_fast_path_close_to_fp32(tiny_model):
+    from microedit_lens.editor import HookSite
+
+    site = HookSite(tiny_model, "blocks.0.hook_resid_post")
+    z = site.clean_activation(TOKS)
+    fast = site.logits_from(z, TOKS, fast=True)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, site.logits_from(z, TOKS), rtol=0.05, atol=0.05)
+    assert site.fast_model() is site.fast_model()
 
 
 def test_memory_anchor_protects_earlier_edits(tiny_model, tiny_sae, reference_texts):

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The lifelong benchmarks of docs/RESULTS.md (WISE protocol), on the embedded model and shipped SAE.
+# Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-small|hallucination|hallucination-small|counterfact] [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${MICROEDIT_DATA:-../shared/data}
+OUT=${2:-benchmarks/results}
+mkdir -p "$OUT"
+ZSRE_REF="$D/zsre/zsre_mend_train-1k.json"
+HALLU_REF="$D/hallucination/hallucination-train.json"
+CF_REF="$D/counterfact/counterfact-train.json"
+run() { .venv/bin/microedit eval "$@"; }
+case "${1:-zsre}" in
+  zsre)          run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
+                     --checkpoint-dir "$OUT/ckpt_zsre" --out "$OUT/zsre_T1000.json" ;;
+  zsre-small)    run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 100 --T 1 10 100 --reference "$ZSRE_REF" \
+                     --out "$OUT/zsre_T1_10_100.json" ;;
+  hallucination) run --data "$D/hallucination/hallucination-edit.json" --limit 600 --T 600 --reference "$HALLU_REF" \
+                     --checkpoint-dir "$OUT/ckpt_hallu" --out "$OUT/hallucination_T600.json" ;;
+  hallucination-small) run --data "$D/hallucination/hallucination-edit.json" --limit 100 --T 1 10 100 --reference "$HALLU_REF" \
+                     --out "$OUT/hallucination_T1_10_100.json" ;;
+  counterfact)   run --data "$D/counterfact/counterfact-edit.json" --limit 5000 --T 3000 5000 --reference "$CF_REF" \
+                     --checkpoint-dir "$OUT/ckpt_cf" --out "$OUT/counterfact_T3000_5000.json" ;;
+  *) echo "unknown benchmark $1" >&2; exit 2 ;;
+esac
