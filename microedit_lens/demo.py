@@ -68,7 +68,10 @@ def run_demo(n: int = 10, model_source: str | None = None, sae_source: str | Non
     loc = metrics.locality(loc_pre, loc_post)
     route = editor.route([r.prompt for r in reqs] + [r.paraphrases[0] for r in reqs] + locs)
 
-    rows = [(r.prompt, r.target, b.strip(), a.strip(), pa.strip(), f"{res.ard_after:.3g}")
+    def one_line(text: str) -> str:
+        return " ".join(text.split())
+
+    rows = [(r.prompt, r.target, one_line(b), one_line(a), one_line(pa), f"{res.ard_after:.3g}")
             for r, b, a, pa, res in zip(reqs, before, after, para_after, results)]
     headers = ("prompt", "new target", "before", "after", "paraphrase after", "ARD after")
     lines = [f"MicroEdit demo: {len(reqs)} edits on SmolLM2-135M-Instruct, SAE at {editor.hook_name} "
