@@ -242,16 +242,20 @@ class MicroEditor(EditMethod):
         return z, vals, idx
 
     # ------------------------------------------------------------------ calibration / routing
-    @torch.no_grad()
-    def route(self, texts: Sequence[str], batch_size: int = 32) -> Routing:
-        """ARD and switch decision for each text under the current decoder (nothing is attached)."""
-        ards = []
+    def _measure(self, texts: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Per batch of texts: (valid positions, codes idx, codes vals, reconstruction, ARD per text)
+        under the current decoder, with nothing attached."""
         for i in range(0, len(texts), batch_size):
             toks, mask = batch_tokens(self.model, texts[i : i + batch_size])
             z, vals, idx = self._clean_and_codes(toks)
             recon = sparse_decode(vals, idx, self.sae.W_dec, self.sae.b_dec)
             valid = valid_positions(*toks.shape, self.cfg.skip_first, z.device, ~mask)
-            ards.append(ard(recon, z, valid, self.cfg.alpha))
+            yield valid, idx, vals, recon, ard(recon, z, valid, self.cfg.alpha)
+
+    @torch.no_grad()
+    def route(self, texts: Sequence[str], batch_size: int = 32) -> Routing:
+        """ARD and switch decision for each text under the current decoder (nothing is attached)."""
+        ards = [a for *_, a in self._measure(texts, batch_size)]
         a = torch.cat(ards) if ards else torch.zeros(0)
         return Routing(a, a <= self.switch.tau, self.switch.tau)
 
@@ -267,12 +271,8 @@ class MicroEditor(EditMethod):
         self.reference = AnchorBank(self.sae.cfg.d_in, self.sae.cfg.k)
         ards, n_tok = [], 0
         fired = torch.zeros(self.sae.cfg.d_sae)
-        for i in range(0, len(texts), batch_size):
-            toks, mask = batch_tokens(self.model, texts[i : i + batch_size])
-            z, vals, idx = self._clean_and_codes(toks)
-            recon = sparse_decode(vals, idx, self.sae.W_dec, self.sae.b_dec)
-            valid = valid_positions(*toks.shape, self.cfg.skip_first, z.device, ~mask)
-            ards.append(ard(recon, z, valid, self.cfg.alpha))
+        for valid, idx, vals, recon, a in self._measure(texts, batch_size):
+            ards.append(a)
             self.reference.add(-1, idx[valid], vals[valid], recon[valid], weight=1.0)
             fired.index_add_(0, idx[valid][vals[valid] > 0].reshape(-1).cpu(), torch.ones(int((vals[valid] > 0).sum())))
             n_tok += int(valid.sum())
