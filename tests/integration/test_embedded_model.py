@@ -30,7 +30,7 @@ def test_second_load_hits_the_cache(smollm, monkeypatch):
         assert torch.equal(m(toks), smollm(toks))
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
+def test_corrupt_cache_is_rebuilt(smollm, tmp_path, monkeypatch):  # smollm: the real cache exists
     info = models.embedded_model_info()
     assert (info.cache_dir / "DONE").is_file()
     monkeypatch.setenv("MICROEDIT_CACHE", str(tmp_path))
