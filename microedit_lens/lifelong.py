@@ -165,6 +165,15 @@ class LifelongRunner:
         if reference_texts:
             self.editor.prepare(list(reference_texts))
 
+    @classmethod
+    def for_editor(cls, editor: EditMethod, sae: Any) -> "LifelongRunner":
+        """A runner around an existing (e.g. loaded, already edited) editor, for scoring it."""
+        runner = cls.__new__(cls)
+        runner.method_name, runner.method_class = editor.name, type(editor)
+        runner.model, runner.sae, runner.editor = editor.model, sae, editor  # type: ignore[attr-defined]
+        runner.method_config = getattr(editor, "cfg", None)
+        return runner
+
     def close(self) -> None:
         self.editor.detach()
 
