@@ -79,6 +79,15 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[torch.Tensor, 
     return toks, pad
 
 
+def _encode_all(model: Any, prompts: Sequence[str], answers: Sequence[str]) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Token ids of every (prompt, answer) pair and the padding id."""
+    if len(prompts) != len(answers):
+        raise ValueError("prompts and answers differ in length")
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return [encode_pair(tok, p, a) for p, a in zip(prompts, answers)], pad_id
+
+
 @torch.no_grad()
 def teacher_forced(
     model: Any,
@@ -88,11 +97,7 @@ def teacher_forced(
     padding: PaddingContext = _no_padding,
 ) -> TeacherForced:
     """Argmax and NLL at every answer position of ``prompt + answer``."""
-    if len(prompts) != len(answers):
-        raise ValueError("prompts and answers differ in length")
-    tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    pairs = [encode_pair(tok, p, a) for p, a in zip(prompts, answers)]
+    pairs, pad_id = _encode_all(model, prompts, answers)
     out = TeacherForced([], [], [])
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
@@ -121,9 +126,7 @@ def greedy_exact_match(
 ) -> list[bool]:
     """Greedy-decode ``len(answer_ids)`` tokens after each prompt (full recomputation per step, so the
     switch sees the whole sequence each time) and compare with the answer ids."""
-    tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    pairs = [encode_pair(tok, p, a) for p, a in zip(prompts, answers)]
+    pairs, pad_id = _encode_all(model, prompts, answers)
     result: list[bool] = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
