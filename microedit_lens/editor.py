@@ -98,19 +98,34 @@ class HookSite:
         return self._fast
 
     def logits_from(
-        self, resid: Float[torch.Tensor, "batch seq d"], tokens: Int[torch.Tensor, "batch seq"], fast: bool = False
-    ) -> Float[torch.Tensor, "batch seq vocab"]:
+        self,
+        resid: Float[torch.Tensor, "batch seq d"],
+        tokens: Int[torch.Tensor, "batch seq"],
+        fast: bool = False,
+        positions: Int[torch.Tensor, " n"] | None = None,
+    ) -> Float[torch.Tensor, "batch n vocab"]:
         """Logits when the activation at the hook is ``resid`` (differentiable in ``resid``).
-        ``fast``: run the layers after the hook in the bf16 copy (residual hooks only)."""
+
+        ``fast``: run the layers after the hook in the bf16 copy (residual hooks only).
+        ``positions``: only the logits at these positions (the unembedding of the other positions,
+        most of a short sequence's step, is skipped on the residual fast path)."""
         if self.start_layer is not None:
-            if fast:
-                return self.fast_model()(resid.to(torch.bfloat16), start_at_layer=self.start_layer).float()
-            return self.model(resid, start_at_layer=self.start_layer)
+            m = self.fast_model() if fast else self.model
+            x = resid.to(torch.bfloat16) if fast else resid
+            if positions is None:
+                return m(x, start_at_layer=self.start_layer).float()
+            from transformer_lens.utilities.activation_functions import apply_softcap
+
+            out = m(x, start_at_layer=self.start_layer, stop_at_layer=m.cfg.n_layers)[:, positions]
+            if m.cfg.normalization_type is not None:
+                out = m.ln_final(out)
+            return apply_softcap(m.unembed(out), m.cfg.output_logits_soft_cap).float()
 
         def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
             return resid.to(act.dtype)
 
-        return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, replace)])
+        logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, replace)])
+        return logits if positions is None else logits[:, positions]
 
 
 def _cfg_kwargs(cfg: Any) -> dict[str, Any]:

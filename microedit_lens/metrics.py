@@ -88,6 +88,20 @@ def _encode_all(model: Any, prompts: Sequence[str], answers: Sequence[str]) -> t
     return [encode_pair(tok, p, a) for p, a in zip(prompts, answers)], pad_id
 
 
+def logits_at(model: Any, toks: Int[torch.Tensor, "b s"], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits at the positions ``(rows[i], cols[i])`` only, shape [n, vocab]. On a TransformerLens model
+    the unembedding (a fifth of a small model's forward) runs only there; other models run in full."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(model, "unembed") or not hasattr(model, "ln_final"):
+        return model(toks)[rows, cols]
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    x = model(toks, stop_at_layer=cfg.n_layers)[rows, cols][None]
+    if cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    return apply_softcap(model.unembed(x), cfg.output_logits_soft_cap)[0]
+
+
 @torch.no_grad()
 def teacher_forced(
     model: Any,
@@ -104,15 +118,16 @@ def teacher_forced(
         toks, pad = _pad([p + a for p, a in chunk], pad_id)
         if toks.shape[1] > model.cfg.n_ctx:
             raise ValueError(f"a scored sequence is {toks.shape[1]} tokens, longer than the context {model.cfg.n_ctx}")
+        pos = [scored_positions(len(p), len(a)) for p, a in chunk]
+        rows = torch.cat([torch.full((len(q),), j) for j, q in enumerate(pos)])
         with padding(pad):
-            logits = model(toks.to(model.cfg.device))
-        lp = logits.float().log_softmax(-1).cpu()
+            logits = logits_at(model, toks.to(model.cfg.device), rows.to(model.cfg.device), torch.cat(pos).to(model.cfg.device))
+        lp = logits.float().log_softmax(-1).cpu().split([len(q) for q in pos])
         for j, (p, a) in enumerate(chunk):
-            pos = scored_positions(len(p), len(a))
             tgt = torch.tensor(a if a else p[1:] + [pad_id], dtype=torch.long)
-            out.argmax.append(lp[j, pos].argmax(-1))
+            out.argmax.append(lp[j].argmax(-1))
             out.targets.append(tgt)
-            out.nll.append(-lp[j, pos].gather(-1, tgt[:, None]).squeeze(-1))
+            out.nll.append(-lp[j].gather(-1, tgt[:, None]).squeeze(-1))
     return out
 
 
@@ -135,10 +150,11 @@ def greedy_exact_match(
         for step in range(max(n_new)):
             active = [j for j in range(len(chunk)) if step < n_new[j]]
             toks, pad = _pad([seqs[j] for j in active], pad_id)
+            last = torch.tensor([len(seqs[j]) - 1 for j in active])
             with padding(pad):
-                logits = model(toks.to(model.cfg.device))
+                logits = logits_at(model, toks.to(model.cfg.device), torch.arange(len(active)).to(model.cfg.device), last.to(model.cfg.device))
             for row, j in enumerate(active):
-                seqs[j].append(int(logits[row, len(seqs[j]) - 1].argmax()))
+                seqs[j].append(int(logits[row].argmax()))
         result.extend(seqs[j][len(p):] == list(a) for j, (p, a) in enumerate(chunk))
     return result
 

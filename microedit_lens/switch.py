@@ -133,10 +133,22 @@ class SwitchedSAE(nn.Module):
             self.mode = prev
 
     def reconstruct(self, z: Float[torch.Tensor, "batch pos d"]) -> Float[torch.Tensor, "batch pos d"]:
-        """SAE reconstruction through the SAE's own hook points (input, acts_pre, acts_post, recons)."""
+        """SAE reconstruction through the SAE's own hook points (input, acts_pre, acts_post, recons).
+
+        Same computation as SAELens's ``TopKSAE.encode`` + ``decode`` (the SAE has no decoder-norm
+        rescaling: the editor folds it), with one TopK instead of two: the dense ``acts_post`` tensor is
+        only built when a hook is attached to it (caching or editing codes), and then the codes are
+        read back from what the hooks return."""
         sae = self.sae
-        feats = sae.encode(z)
-        vals, idx = topk_codes(feats, sae.cfg.k)
+        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # not folded: SAELens's own path
+            return sae.decode(sae.encode(z))
+        sae_in = sae.process_sae_in(z)
+        pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
+        vals, idx = topk_codes(pre, sae.cfg.k)
+        vals = vals.relu()
+        if sae.hook_sae_acts_post.fwd_hooks:
+            feats = sae.hook_sae_acts_post(torch.zeros_like(pre).scatter_(-1, idx, vals))
+            vals, idx = topk_codes(feats, sae.cfg.k)
         recon = sparse_decode(vals, idx, sae.W_dec, sae.b_dec)
         return sae.hook_sae_recons(recon)
 

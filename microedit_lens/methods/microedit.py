@@ -50,6 +50,9 @@ from microedit_lens.types import EditError, EditRequest, EditResult, NumericalEd
 logger = logging.getLogger(__name__)
 
 
+ROW_UPDATES = ("projected", "gradient")
+
+
 @dataclass
 class MicroEditConfig:
     """Hyper-parameters of MicroEdit. Paper defaults are noted where ours differ."""
@@ -74,8 +77,21 @@ class MicroEditConfig:
     edit_weight: float = 1.0
     memory_weight: float = 1.0
     """Weight of the anchor on earlier edits' reconstructions (0 = the paper's plain method)."""
-    reference_weight: float = 1.0
-    """Weight of the anchor on reference-text reconstructions (0 = off)."""
+    reference_weight: float = 30.0
+    """Weight of the anchor on reference-text reconstructions (0 = off). Reference tokens together
+    weigh this much; every earlier edit's tokens together weigh ``memory_weight``."""
+    row_update: str = "projected"
+    """How anchors shape the row update. ``"projected"``: both stages optimise the edit's own loss (the
+    paper's objective, Adam on the masked rows); the resulting change of the edit sequence's
+    reconstruction is then realised by the row update that least disturbs the anchored
+    reconstructions (an equality-constrained weighted least-squares solve over the masked rows).
+    ``"gradient"``: the anchors are added to the Adam loss of both stages."""
+    ridge: float = 0.1
+    """Projection only: ridge on the row change, relative to the mean squared code of the edit's
+    trainable latents (keeps rows no anchor uses from moving more than needed)."""
+    repair: bool = True
+    """Projection only: also pull anchored reconstructions that earlier edits moved back towards
+    their targets, within the rows this edit trains."""
     max_latent_rate: float | None = None
     """Train only latents that fire on at most this share of reference tokens (measured by
     :meth:`MicroEditor.calibrate`); frequent 'format' latents are then left to every input alike.
@@ -110,6 +126,10 @@ class MicroEditConfig:
             raise ValueError(f"max_latent_rate must be in (0, 1], got {self.max_latent_rate}")
         if self.skip_first < 0:
             raise ValueError("skip_first must be >= 0")
+        if self.row_update not in ROW_UPDATES:
+            raise ValueError(f"row_update must be one of {ROW_UPDATES}, got {self.row_update!r}")
+        if not self.ridge > 0:
+            raise ValueError(f"ridge must be positive, got {self.ridge}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -348,14 +368,15 @@ class MicroEditor(EditMethod):
         z_hat = prob.z_fixed + prob.A @ R
         v = prob.valid
         rec = ((z_hat[v] - prob.z[0, v]) ** 2).sum() / (self.cfg.alpha * v.sum())
-        anchor = sum((w * a.loss(R - prob.R0) for w, a in prob.anchors), start=torch.zeros(()))
+        anchors = prob.anchors if self.cfg.row_update == "gradient" else []
+        anchor = sum((w * a.loss(R - prob.R0) for w, a in anchors), start=torch.zeros(()))
         return z_hat, rec, anchor / self.cfg.alpha
 
     def _target_stats(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL of the target, min log-prob margin of target over the best other token)."""
         resid = torch.where(prob.valid[None, :, None], z_hat[None].to(prob.z.dtype), prob.z)
         fast = fast and self.cfg.bf16_steps
-        logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast)[0, prob.seq.target_positions]
+        logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast, positions=prob.seq.target_positions)[0]
         lp = logits.float().log_softmax(-1)
         tgt = prob.seq.target_ids[:, None]
         tgt_lp = lp.gather(-1, tgt).squeeze(-1)
@@ -385,6 +406,37 @@ class MicroEditor(EditMethod):
             opt.step()
         return StageStats(steps=n, loss_start=first, loss_end=last, seconds=time.perf_counter() - t0)
 
+    @torch.no_grad()
+    def _project(self, prob: _EditProblem, R: torch.Tensor) -> torch.Tensor:
+        """Rows that give the edit sequence exactly the reconstruction ``R`` gives it, changing the
+        anchored reconstructions least: minimise ``sum_anchors w ||r_p + A_p dR||^2 + mu ||dR||^2``
+        subject to ``A_e dR = A_e (R - R0)`` (A_e: the edit's codes on the trained rows)."""
+        f8 = torch.float64
+        Ae = prob.A[prob.valid].to(f8)
+        dR0 = R.to(f8) - prob.R0.to(f8)
+        D = Ae @ dR0
+        m, d = dR0.shape
+        H = torch.zeros(m, m, dtype=f8)
+        b = torch.zeros(m, d, dtype=f8)
+        for w, anc in prob.anchors:
+            if anc.residual.shape[0] == 0:
+                continue
+            A = anc.A.to_dense().to(f8)
+            wA = A * (w * anc.weight.to(f8))[:, None]
+            H += wA.T @ A
+            if self.cfg.repair:
+                b += wA.T @ anc.residual.to(f8)
+        mu = self.cfg.ridge * float((Ae**2).sum(0).mean()) / max(Ae.shape[0], 1)
+        H.diagonal().add_(mu)
+        L = torch.linalg.cholesky(H)
+        X = torch.cholesky_solve(Ae.T.contiguous(), L)  # H^-1 A_e^T  [m, S]
+        y = torch.cholesky_solve(b, L)  # H^-1 b  [m, d]
+        M = Ae @ X
+        M.diagonal().add_(1e-10 * float(M.diagonal().mean()))
+        nu = torch.linalg.solve(M, D + Ae @ y)
+        dR = X @ nu - y
+        return (prob.R0.to(f8) + dR).to(R.dtype)
+
     def _edit_one(self, request: EditRequest, seq: EditSequence) -> EditResult:
         t0 = time.perf_counter()
         torch.manual_seed(self.cfg.seed + len(self.results))
@@ -398,6 +450,8 @@ class MicroEditor(EditMethod):
             # in them leaves the decoder (and every earlier edit) exactly as it was
             s1 = self._run_stage(prob, R, self.cfg.stage1_max_steps, with_edit=False) if self.cfg.stage1_max_steps else StageStats(0, float("nan"), float("nan"), 0.0)
             s2 = self._run_stage(prob, R, self.cfg.stage2_max_steps, with_edit=True)
+            if self.cfg.row_update == "projected":
+                R = self._project(prob, R.detach())
             with torch.no_grad():
                 z_hat, rec, _ = self._objective(prob, R)
                 nll, margin = self._target_stats(prob, z_hat)

@@ -208,7 +208,7 @@ def test_frequent_latents_can_be_frozen(tiny_model, tiny_sae, reference_texts):
 
 def test_config_validation():
     for bad in (dict(lr=0), dict(alpha=-1), dict(tau=0), dict(tau_quantile=1.5), dict(stage2_max_steps=0),
-                dict(ard_margin=0), dict(memory_weight=-1)):
+                dict(ard_margin=0), dict(memory_weight=-1), dict(row_update="closed_form"), dict(ridge=0.0)):
         with pytest.raises(ValueError):
             MicroEditConfig(**bad)
 
@@ -259,10 +259,11 @@ def test_bf16_fast_path_close_to_fp32(tiny_model):
     assert site.fast_model() is site.fast_model()
 
 
-def test_memory_anchor_protects_earlier_edits(tiny_model, tiny_sae, reference_texts):
+@pytest.mark.parametrize("row_update", ["projected", "gradient"])
+def test_memory_anchor_protects_earlier_edits(tiny_model, tiny_sae, reference_texts, row_update):
     drift = {}
     for w in (0.0, 100.0):
-        ed = make_editor(tiny_model, tiny_sae, reference_texts, memory_weight=w, reference_weight=0.0)
+        ed = make_editor(tiny_model, tiny_sae, reference_texts, memory_weight=w, reference_weight=0.0, row_update=row_update)
         ed.edit(REQS[0])
         sel = ed.memory.select(torch.arange(128), ed.sae.W_dec, ed.sae.b_dec)
         assert sel.residual.abs().max() < 1e-4
@@ -287,3 +288,40 @@ def test_without_history_only_full_rollback(tiny_model, tiny_sae, reference_text
     assert ed2.n_edits == 2
     ed2.rollback(0)
     assert torch.equal(ed2.sae.W_dec, tiny_sae.W_dec)
+
+
+def test_projection_keeps_the_edit_sequence_reconstruction(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    """The projected row update gives the edit sequence exactly the reconstruction Adam found, and moves
+    the anchored reconstructions (earlier edits) less than Adam's own row update would."""
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, memory_weight=10.0)
+    ed.edit(REQS[0])
+    seen = {}
+    original = MicroEditor._project
+
+    def spy(self, prob, R):
+        out = original(self, prob, R)
+        seen.update(prob=prob, adam=R.clone(), projected=out.clone())
+        return out
+
+    monkeypatch.setattr(MicroEditor, "_project", spy)
+    ed.edit(REQS[1])
+    prob = seen["prob"]
+    A = prob.A[prob.valid]
+    torch.testing.assert_close(A @ (seen["projected"] - prob.R0), A @ (seen["adam"] - prob.R0), rtol=1e-4, atol=1e-4)
+    (_, anchors), *_ = prob.anchors
+    moved = {k: anchors.loss(seen[k] - prob.R0).item() for k in ("adam", "projected")}
+    assert moved["projected"] <= moved["adam"] + 1e-6
+    ed.detach()
+
+
+def test_logits_at_positions_match_full_logits(tiny_model):
+    from microedit_lens.editor import HookSite
+
+    site = HookSite(tiny_model, "blocks.0.hook_resid_post")
+    z = site.clean_activation(TOKS) + 0.1
+    pos = torch.tensor([2, 5])
+    for fast in (False, True):
+        full = site.logits_from(z, TOKS, fast=fast)
+        torch.testing.assert_close(site.logits_from(z, TOKS, fast=fast, positions=pos), full[:, pos], rtol=1e-2 if fast else 1e-5, atol=1e-2 if fast else 1e-5)
+    site.start_layer = None
+    torch.testing.assert_close(site.logits_from(z, TOKS, positions=pos), full[:, pos].float(), rtol=0.05, atol=0.05)

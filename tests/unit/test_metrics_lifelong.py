@@ -121,3 +121,13 @@ def test_resume_reproduces_results(tiny_model, tiny_sae, tmp_path):
         a = [(r.reliability, r.generalization, r.locality, r.ppl) for r in full.runs[T].records]
         b = [(r.reliability, r.generalization, r.locality, r.ppl) for r in resumed.runs[T].records]
         assert a == b
+
+
+def test_logits_at_matches_full_forward_on_a_hooked_model(tiny_model):
+    from microedit_lens.metrics import logits_at
+
+    toks = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([1, 4, 2])
+    with torch.no_grad():
+        full = tiny_model(toks)[rows, cols]
+        torch.testing.assert_close(logits_at(tiny_model, toks, rows, cols), full, rtol=1e-5, atol=1e-5)

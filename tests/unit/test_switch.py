@@ -51,3 +51,27 @@ def test_bypass_mask_restores(tiny_sae):
         out = sw(z)
         assert torch.equal(out[0, 2:], z[0, 2:])
     assert sw._token_mask is None
+
+
+def test_reconstruct_matches_saelens_with_and_without_code_hooks(tiny_sae):
+    torch.manual_seed(0)
+    z = torch.randn(2, 5, tiny_sae.cfg.d_in)
+    sw = SwitchedSAE(tiny_sae, tau=1.0, alpha=1.0)
+    expected = tiny_sae.decode(tiny_sae.encode(z))
+    torch.testing.assert_close(sw.reconstruct(z), expected, rtol=1e-5, atol=1e-5)
+    seen = []
+
+    def ablate_first(acts, hook):  # a hook on the codes sees the dense codes and its edit is decoded
+        seen.append(acts.clone())
+        acts[..., 0] = 0.0
+        return acts
+
+    tiny_sae.hook_sae_acts_post.add_hook(ablate_first)
+    try:
+        out = sw.reconstruct(z)
+    finally:
+        tiny_sae.hook_sae_acts_post.remove_hooks()
+    torch.testing.assert_close(seen[0], tiny_sae.encode(z))
+    feats = tiny_sae.encode(z)
+    feats[..., 0] = 0.0
+    torch.testing.assert_close(out, tiny_sae.decode(feats), rtol=1e-5, atol=1e-5)
