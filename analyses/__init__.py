@@ -1,4 +1,6 @@
-"""Section 2 studies of the MicroEdit paper ("why SAE editing"), one module per study.
+"""The MicroEdit paper's studies, one module per study: Section 2 ("why SAE editing": sparsity,
+masking, active_random_mutex, entanglement, geometry) and Section 4 (layer_sweep, ard_separation,
+ablations; these edit with MicroEdit through :mod:`analyses.editing`).
 
 Every study has a frozen config dataclass (validated on construction, ``ValueError`` on bad values),
 ``run(model, cfg, sae=None) -> Result`` and ``plot(result, path) -> Path`` (a PNG). The registry
@@ -16,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from analyses import active_random_mutex, entanglement, geometry, masking, sparsity
+from analyses import (
+    ablations,
+    active_random_mutex,
+    ard_separation,
+    entanglement,
+    geometry,
+    layer_sweep,
+    masking,
+    sparsity,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,16 @@ ANALYSES: dict[str, AnalysisSpec] = {
         AnalysisSpec("geometry", geometry.GeometryConfig, geometry.run, geometry.plot,
                      "Fig. 5-6: t-SNE of late-layer residuals of edit vs locality prompts",
                      "fig5_geometry.png"),
+        # one SAE per layer from its own cache (run(..., saes=...)), not the single shared SAE
+        AnalysisSpec("layer_sweep", layer_sweep.LayerSweepConfig, layer_sweep.run, layer_sweep.plot,
+                     "Fig. 3a: Rel/Gen/Loc of the same sequential edits with TopK SAEs at several residual layers",
+                     "fig3a_layer_sweep.png"),
+        AnalysisSpec("ard_separation", ard_separation.ArdSeparationConfig, ard_separation.run, ard_separation.plot,
+                     "Fig. 3b-c: ARD of edited, paraphrase and locality prompts after sequential edits, vs tau",
+                     "fig3bc_ard_separation.png", uses_sae=True),
+        AnalysisSpec("ablations", ablations.AblationsConfig, ablations.run, ablations.plot,
+                     "Fig. 4 + Table 4: inference-k sweep and ablations (no switch, no stage 1, dense codes)",
+                     "fig4_k_sweep_ablations.png", uses_sae=True),
     )
 }
 

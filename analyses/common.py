@@ -6,6 +6,7 @@ Conventions used by every study:
 * Texts are tokenised right-padded without BOS (:func:`microedit_lens.editor.batch_tokens`).
 * Position 0 of the embedded model is an attention sink with outsized activations; with
   ``skip_first=True`` (the default everywhere) it is excluded from every statistic and never masked.
+* Rank statistics (:func:`average_ranks`, :func:`auroc`) are hand-written (no scikit-learn).
 * Figures are drawn on a bare :class:`matplotlib.figure.Figure` (Agg canvas): no pyplot, no global
   backend switch, nothing left open.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from matplotlib.axes import Axes
@@ -318,6 +320,47 @@ def pair_mean(matrix: Float[Tensor, "n n"], pairs: Sequence[tuple[int, int]]) ->
     if not pairs:
         return float("nan")
     return float(torch.stack([matrix[i, j] for i, j in pairs]).mean().item())
+
+
+# ------------------------------------------------------------------------------ rank statistics
+
+
+def _flat_float64(values: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def average_ranks(values: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+    """1-based ranks of ``values`` in ascending order; tied values share the mean of their ranks
+    (``[10, 20, 20, 30] -> [1, 2.5, 2.5, 4]``). Infinities rank at the ends; NaN raises ValueError."""
+    x = _flat_float64(values)
+    if np.isnan(x).any():
+        raise ValueError("cannot rank NaN values")
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or xs[end] != xs[start]:
+            ranks[order[start:end]] = (start + 1 + end) / 2.0  # mean of the ranks start+1 .. end
+            start = end
+    return ranks
+
+
+def auroc(positive: Sequence[float] | np.ndarray | Tensor, negative: Sequence[float] | np.ndarray | Tensor) -> float:
+    """Area under the ROC curve of a score that should be *higher* for ``positive`` than for
+    ``negative`` items: P(score_pos > score_neg) + P(tie) / 2, from the Mann-Whitney U statistic on
+    average ranks. 1 = perfectly separated, 0.5 = no separation (e.g. identical samples), 0 =
+    perfectly reversed. NaN when either group is empty. For a score where *lower* means positive
+    (a distance), pass the negated values."""
+    pos, neg = _flat_float64(positive), _flat_float64(negative)
+    n_pos, n_neg = len(pos), len(neg)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = average_ranks(np.concatenate([pos, neg]))
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
 
 
 # ------------------------------------------------------------------------------------ figures

@@ -1,13 +1,17 @@
-"""Regenerate the Section 2 figures on the embedded model and record their headline numbers.
+"""Regenerate the paper's figures on the embedded model and record their headline numbers.
 
     python -m analyses.make_figures                      # every figure
     python -m analyses.make_figures masking entanglement # some of them
+    python -m analyses.make_figures ard_separation --n-edits 50
     python -m analyses.make_figures --list
 
 Figures go to ``docs/figures/`` (``--out``); the headline numbers of each figure made are merged into
-``<out>/headline.json`` (entries of figures not regenerated are kept). The SAE for the entanglement
-study is ``--sae PATH``, or else the first SAE directory found among :data:`SAE_CANDIDATES`; with none,
-entanglement runs on neurons only (recorded as ``"sae": null``).
+``<out>/headline.json`` (entries of figures not regenerated are kept). The SAE for the entanglement,
+ard_separation and ablations studies is ``--sae PATH``, or else the first SAE directory found among
+:data:`SAE_CANDIDATES`; with none, entanglement runs on neurons only (recorded as ``"sae": null``) and
+the other two fail. The Section 4 figures (layer_sweep, ard_separation, ablations) make ``--n-edits``
+sequential MicroEdit edits per run (several runs each; tens of minutes on a CPU), and layer_sweep
+first trains any of its per-layer SAEs missing from its cache (see ``analyses.layer_sweep``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 from analyses import get_spec, run_analysis
+from analyses.editing import HALLUCINATION_EDITS, ZSRE_EDITS
 from analyses.prompts import hallucination_edit_locality, zsre_edit_locality
 
 logger = logging.getLogger("analyses.make_figures")
@@ -58,6 +63,20 @@ def _hallucination(args: argparse.Namespace) -> dict[str, Any]:
                 title=f"Hallucination, first {len(edit)} records")
 
 
+def _absolute(path: str | None, default: str) -> str:
+    """A command-line path made absolute (the studies resolve relative paths against data_root())."""
+    return str(Path(path).resolve()) if path is not None else default
+
+
+def _zsre_edits(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(data=_absolute(args.zsre, ZSRE_EDITS), n_edits=args.n_edits)
+
+
+def _zsre_and_hallucination_edits(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(datasets=(_absolute(args.zsre, ZSRE_EDITS), _absolute(args.hallucination, HALLUCINATION_EDITS)),
+                n_edits=args.n_edits)
+
+
 FIGURES: Mapping[str, FigureJob] = MappingProxyType({
     "sparsity": FigureJob("sparsity", "fig1a_sparsity.png"),
     "masking": FigureJob("masking", "fig1b_masking.png"),
@@ -71,6 +90,9 @@ FIGURES: Mapping[str, FigureJob] = MappingProxyType({
     ),
     "geometry_zsre": FigureJob("geometry", "fig5_geometry_zsre.png", _zsre),
     "geometry_hallucination": FigureJob("geometry", "fig6_geometry_hallucination.png", _hallucination),
+    "layer_sweep": FigureJob("layer_sweep", "fig3a_layer_sweep.png", _zsre_edits),
+    "ard_separation": FigureJob("ard_separation", "fig3bc_ard_separation.png", _zsre_and_hallucination_edits),
+    "ablations": FigureJob("ablations", "fig4_k_sweep_ablations.png", _zsre_edits),
 })
 
 
@@ -107,10 +129,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("names", nargs="*", help=f"figures to make (default: all): {', '.join(FIGURES)}; 'geometry' = both geometry figures")
     p.add_argument("--out", default=str(REPO / "docs" / "figures"))
     p.add_argument("--model", default=None, help="model source for load_model (default: the embedded SmolLM2)")
-    p.add_argument("--sae", default=None, help="SAE directory for entanglement ('none' for neurons only)")
+    p.add_argument("--sae", default=None, help="SAE directory for entanglement, ard_separation, ablations ('none' for neurons only)")
     p.add_argument("--zsre", default=None, help="ZsRE json (default: shared/data/zsre/zsre_mend_eval_portability_gpt4.json)")
     p.add_argument("--hallucination", default=None, help="hallucination json (default: shared/data/hallucination/hallucination-edit.json)")
     p.add_argument("--n-records", type=int, default=200, help="records per geometry data set")
+    p.add_argument("--n-edits", type=int, default=50, help="sequential edits per run of the Section 4 studies")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     return p.parse_args(argv)
 

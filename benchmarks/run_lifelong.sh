@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The lifelong benchmarks of docs/RESULTS.md (WISE protocol), on the embedded model and shipped SAE.
-# Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-small|hallucination|hallucination-small|counterfact] [OUT_DIR]
+# Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-sweep|zsre-small|hallucination|hallucination-sweep|hallucination-small|counterfact] [OUT_DIR]
+# zsre = the T=1000 stream; zsre-sweep = T=1,10,100 over the same 1000 records; every run checkpoints and resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${MICROEDIT_DATA:-../shared/data}
@@ -13,10 +14,14 @@ run() { .venv/bin/microedit eval "$@"; }
 case "${1:-zsre}" in
   zsre)          run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
                      --checkpoint-dir "$OUT/ckpt_zsre" --out "$OUT/zsre_T1000.json" ;;
+  zsre-sweep)    run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1 10 100 --reference "$ZSRE_REF" \
+                     --checkpoint-dir "$OUT/ckpt_zsre_sweep" --out "$OUT/zsre_T1_10_100_n1000.json" ;;
   zsre-small)    run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 100 --T 1 10 100 --reference "$ZSRE_REF" \
                      --out "$OUT/zsre_T1_10_100.json" ;;
   hallucination) run --data "$D/hallucination/hallucination-edit.json" --limit 600 --T 600 --reference "$HALLU_REF" \
                      --checkpoint-dir "$OUT/ckpt_hallu" --out "$OUT/hallucination_T600.json" ;;
+  hallucination-sweep) run --data "$D/hallucination/hallucination-edit.json" --limit 600 --T 1 10 100 --reference "$HALLU_REF" \
+                     --checkpoint-dir "$OUT/ckpt_hallu_sweep" --out "$OUT/hallucination_T1_10_100.json" ;;
   hallucination-small) run --data "$D/hallucination/hallucination-edit.json" --limit 100 --T 1 10 100 --reference "$HALLU_REF" \
                      --out "$OUT/hallucination_T1_10_100.json" ;;
   counterfact)   run --data "$D/counterfact/counterfact-edit.json" --limit 5000 --T 3000 5000 --reference "$CF_REF" \

@@ -128,16 +128,12 @@ def _eval_args(p: argparse.ArgumentParser):
 
 
 def _reference_texts(path: str | None, limit: int) -> list[str]:
-    from microedit_lens.data import load_dataset, load_text_list
+    from microedit_lens.data import load_reference_texts
     from microedit_lens.facts import REFERENCE_PROMPTS
 
     if path is None:
         return list(REFERENCE_PROMPTS)
-    try:
-        return load_text_list(path, limit=limit)
-    except Exception:
-        ds = load_dataset(path, limit=limit, skip_invalid=True, dedupe="keep")
-        return [r.prompt for r in ds.records]
+    return load_reference_texts(path, limit)
 
 
 @command("edit", "edit one fact on the embedded model, show before/after generations, save the state")

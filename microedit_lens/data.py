@@ -575,3 +575,14 @@ def load_text_list(path: PathLike, limit: int | None = None) -> list[str]:
             raise DataFormatError(file, "string is empty", index)
     logger.info("loaded %d strings from %s", len(items), file)
     return list(items)
+
+
+def load_reference_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Unrelated text for tau calibration and reference anchors: a JSON list of strings, or the prompts
+    of a benchmark file (any format :func:`load_dataset` reads; invalid records skipped); the first
+    ``limit``."""
+    try:
+        return load_text_list(path, limit=limit)
+    except DataFormatError:
+        ds = load_dataset(path, limit=limit, skip_invalid=True, dedupe="keep")
+        return [r.prompt for r in ds.records]

@@ -140,22 +140,27 @@ def greedy_exact_match(
     padding: PaddingContext = _no_padding,
 ) -> list[bool]:
     """Greedy-decode ``len(answer_ids)`` tokens after each prompt (full recomputation per step, so the
-    switch sees the whole sequence each time) and compare with the answer ids."""
+    switch sees the whole sequence each time) and compare with the answer ids. A sequence stops at its
+    first wrong token (its result is already decided), so a miss costs one step, not ``len(answer)``."""
     pairs, pad_id = _encode_all(model, prompts, answers)
     result: list[bool] = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         seqs = [list(p) for p, _ in chunk]
-        n_new = [len(a) for _, a in chunk]
-        for step in range(max(n_new)):
-            active = [j for j in range(len(chunk)) if step < n_new[j]]
+        ok = [True] * len(chunk)
+        for step in range(max(len(a) for _, a in chunk)):
+            active = [j for j, (_, a) in enumerate(chunk) if ok[j] and step < len(a)]
+            if not active:
+                break
             toks, pad = _pad([seqs[j] for j in active], pad_id)
             last = torch.tensor([len(seqs[j]) - 1 for j in active])
             with padding(pad):
                 logits = logits_at(model, toks.to(model.cfg.device), torch.arange(len(active)).to(model.cfg.device), last.to(model.cfg.device))
             for row, j in enumerate(active):
-                seqs[j].append(int(logits[row].argmax()))
-        result.extend(seqs[j][len(p):] == list(a) for j, (p, a) in enumerate(chunk))
+                token = int(logits[row].argmax())
+                seqs[j].append(token)
+                ok[j] = token == chunk[j][1][step]
+        result.extend(ok)
     return result
 
 

@@ -552,3 +552,14 @@ def test_real_temporal(real):
     for name in ("temporal-edit.json", "temporal-train.json"):
         ds = load_dataset(real / "temporal" / name)
         assert ds.format == "temporal" and len(ds) == 75 and all(len(r.paraphrases) == 1 for r in ds)
+
+
+def test_reference_texts_from_a_text_list_or_a_benchmark(tmp_path):
+    from microedit_lens.data import load_reference_texts
+
+    (tmp_path / "l.json").write_text(json.dumps(["a b", "c d", "e f"]))
+    assert load_reference_texts(tmp_path / "l.json", 2) == ["a b", "c d"]
+    rec = {"locality_prompt": "l", "locality_ground_truth": "g"}
+    recs = [{"prompt": "p1", "target_new": "t", **rec}, {"prompt": "p2", "target_new": "", **rec}, {"prompt": "p3", "target_new": "t", **rec}]
+    (tmp_path / "h.json").write_text(json.dumps(recs))
+    assert load_reference_texts(tmp_path / "h.json") == ["p1", "p3"]  # invalid record skipped, not fatal
