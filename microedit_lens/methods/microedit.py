@@ -12,12 +12,15 @@ reconstruction only for inputs whose ARD is at most ``tau``.
 
 Deviations from the paper, all configurable (see ``docs/METHOD.md``):
 
-* **Anchors.** Edits share decoder rows, so a later edit rewrites rows an earlier one relied on. Both
-  stages add ``memory_weight * sum_e ||dz_hat_e||^2/(alpha S_e)`` over the tokens of every earlier edit
-  e that uses a trained row, and ``reference_weight * mean_s ||dz_hat_s||^2/alpha`` over tokens of
-  reference text (the calibration prompts). Only the masked rows are trained, exactly as in the paper;
-  the anchors decide *how* they move. Because a TopK code depends on the frozen encoder only, these
-  terms need no LLM forward pass: they are sparse matmuls over stored codes.
+* **Anchors and the projected row update.** Edits share decoder rows, so a later edit rewrites rows an
+  earlier one relied on. The tokens of every earlier edit (together ``memory_weight`` per edit) and of
+  reference text (together ``reference_weight``) are anchored. With ``row_update="projected"`` (default)
+  both stages optimise the edit's own loss, as in the paper, and the change they made to the edit
+  sequence's reconstruction is then realised *exactly* by the masked-row update that moves the anchored
+  reconstructions least (a weighted least-squares solve with that equality constraint); with
+  ``"gradient"`` the anchor terms are added to the Adam loss instead. Only the masked rows are trained,
+  exactly as in the paper; the anchors decide *how* they move. Because a TopK code depends on the
+  frozen encoder only, anchors need no LLM forward pass: they are sparse matmuls over stored codes.
 * **Stopping rules.** Stage 1 stops once ARD <= ``ard_margin * tau``; stage 2 once every target token
   is the argmax with a log-prob margin of ``target_margin`` and ARD <= ``ard_margin * tau``.
 * **lr.** The paper's 5e-5 (LLaMA-3-8B, 4096-wide rows) does not move 576-wide SmolLM2 rows within
