@@ -163,7 +163,11 @@ class LifelongRunner:
         self.method_config = method_config if method_config is not None else entry.config_class()
         self.editor: EditMethod = self.method_class(model, sae, self.method_config)
         if reference_texts:
-            self.editor.prepare(list(reference_texts))
+            try:
+                self.editor.prepare(list(reference_texts))
+            except BaseException:  # never leave the user's model with a half-built editor attached
+                self.editor.detach()
+                raise
 
     @classmethod
     def for_editor(cls, editor: EditMethod, sae: Any) -> "LifelongRunner":

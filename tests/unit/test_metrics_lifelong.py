@@ -131,3 +131,11 @@ def test_logits_at_matches_full_forward_on_a_hooked_model(tiny_model):
     with torch.no_grad():
         full = tiny_model(toks)[rows, cols]
         torch.testing.assert_close(logits_at(tiny_model, toks, rows, cols), full, rtol=1e-5, atol=1e-5)
+
+
+def test_runner_detaches_when_calibration_fails(tiny_model, tiny_sae):
+    from microedit_lens.switch import SwitchedSAE
+
+    with pytest.raises(ValueError):
+        LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), ["x" * 10_000])
+    assert not any(isinstance(m, SwitchedSAE) for m in tiny_model.modules())
