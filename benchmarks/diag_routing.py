@@ -16,8 +16,7 @@ import time
 import torch
 
 from microedit_lens import load_model, load_sae, metrics
-from microedit_lens.cli import _reference_texts
-from microedit_lens.data import load_dataset
+from microedit_lens.data import load_dataset, load_reference_texts
 from microedit_lens.methods.microedit import MicroEditConfig, MicroEditor
 from microedit_lens.switch import SwitchMode
 
@@ -26,7 +25,7 @@ def main(n: int, overrides: dict) -> dict:
     data = os.environ.get("MICROEDIT_DATA", "../shared/data")
     model, sae = load_model(), load_sae()
     recs = load_dataset(f"{data}/zsre/zsre_mend_eval_portability_gpt4.json", limit=n).records
-    refs = _reference_texts(f"{data}/zsre/zsre_mend_train-1k.json", 500)
+    refs = load_reference_texts(f"{data}/zsre/zsre_mend_train-1k.json", 500)
     ed = MicroEditor(model, sae, MicroEditConfig(**overrides))
     ed.calibrate(refs)
     t = time.time()

@@ -83,18 +83,10 @@ class HookSite:
         Built from the config and state dict, not ``deepcopy`` (SAELens binds MLP hooks to the
         original modules)."""
         if self._fast is None:
-            from transformer_lens import HookedTransformer
+            from microedit_lens.models import _build_hooked, replace_config
 
-            from microedit_lens.models import relayout_for_inference
-
-            cfg = self.model.cfg
-            fast = HookedTransformer(type(cfg)(**{**_cfg_kwargs(cfg), "dtype": torch.bfloat16}), move_to_device=False)
             sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
-            fast.load_state_dict(sd, strict=False, assign=True)
-            fast.eval()
-            for p in fast.parameters():
-                p.requires_grad_(False)
-            self._fast = relayout_for_inference(fast.to(cfg.device))
+            self._fast = _build_hooked(replace_config(self.model.cfg, dtype=torch.bfloat16), None, sd)
         return self._fast
 
     def logits_from(
@@ -114,24 +106,15 @@ class HookSite:
             x = resid.to(torch.bfloat16) if fast else resid
             if positions is None:
                 return m(x, start_at_layer=self.start_layer).float()
-            from transformer_lens.utilities.activation_functions import apply_softcap
+            from microedit_lens.models import final_logits
 
-            out = m(x, start_at_layer=self.start_layer, stop_at_layer=m.cfg.n_layers)[:, positions]
-            if m.cfg.normalization_type is not None:
-                out = m.ln_final(out)
-            return apply_softcap(m.unembed(out), m.cfg.output_logits_soft_cap).float()
+            return final_logits(m, m(x, start_at_layer=self.start_layer, stop_at_layer=m.cfg.n_layers)[:, positions]).float()
 
         def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
             return resid.to(act.dtype)
 
         logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, replace)])
         return logits if positions is None else logits[:, positions]
-
-
-def _cfg_kwargs(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init and f.name != "n_params"}
 
 
 @dataclass

@@ -94,12 +94,9 @@ def logits_at(model: Any, toks: Int[torch.Tensor, "b s"], rows: torch.Tensor, co
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(model, "unembed") or not hasattr(model, "ln_final"):
         return model(toks)[rows, cols]
-    from transformer_lens.utilities.activation_functions import apply_softcap
+    from microedit_lens.models import final_logits
 
-    x = model(toks, stop_at_layer=cfg.n_layers)[rows, cols][None]
-    if cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    return apply_softcap(model.unembed(x), cfg.output_logits_soft_cap)[0]
+    return final_logits(model, model(toks, stop_at_layer=cfg.n_layers)[rows, cols])
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import nn
 from sae_lens import HookedSAETransformer
@@ -262,7 +263,7 @@ def load_model(
     if source is None or (isinstance(source, str) and source.lower() == DEFAULT_MODEL):
         model = load_embedded_model(dtype=dtype, rebuild=rebuild_cache)
     elif isinstance(source, HookedTransformerConfig):
-        cfg = HookedTransformerConfig(**{**_cfg_init_kwargs(source), "dtype": dtype})
+        cfg = replace_config(source, dtype=dtype)
         model = _build_hooked(cfg, None, None)
     elif isinstance(source, str):
         try:
@@ -281,10 +282,26 @@ def load_model(
     return model.to(device)
 
 
-def _cfg_init_kwargs(cfg: HookedTransformerConfig) -> dict[str, Any]:
+def replace_config(cfg: HookedTransformerConfig, **changes: Any) -> HookedTransformerConfig:
+    """A new config of the same class with ``changes`` (derived fields such as ``n_params`` are
+    recomputed by the config itself)."""
     import dataclasses
 
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init and f.name not in ("n_params",)}
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init and f.name not in ("n_params",)}
+    return type(cfg)(**{**kwargs, **changes})
+
+
+def final_logits(model: Any, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
+    """Logits from the residual stream after the last block (what ``forward(..., stop_at_layer=
+    n_layers)`` returns): final norm, unembedding and logit soft-cap, exactly as the model's forward
+    applies them. Lets callers unembed only the positions they need."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    x = resid if resid.dim() >= 3 else resid[None]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    out = apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)
+    return out if resid.dim() >= 3 else out[0]
 
 
 def tiny_config(
