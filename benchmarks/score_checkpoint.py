@@ -1,34 +1,58 @@
-"""Score a mid-run lifelong checkpoint (the editor saved by `microedit eval --checkpoint-dir`) on the
-ZsRE records it has edited so far: all of them were edited sequentially before any is scored.
+"""Score a saved editor (e.g. the mid-run checkpoint `microedit eval --checkpoint-dir DIR` leaves in
+DIR/T<T>_editor) on the records it has edited so far: all of them were edited sequentially before
+any is scored, so this is the lifelong protocol's score for T = the number of edits made.
 
-    python benchmarks/score_checkpoint.py CKPT_DIR/T1000_editor OUT.json
+    python benchmarks/score_checkpoint.py CKPT_DIR/T1000_editor OUT.json \
+        --data ../shared/data/zsre/zsre_mend_eval_portability_gpt4.json [--format zsre]
+
+The records must be the first records of --data, in the order they were edited.
 """
+
+from __future__ import annotations
+
+import argparse
 import json
-import sys
+import logging
 import time
-from pathlib import Path
 
 import torch
-torch.set_num_threads(1)
-from microedit_lens import load_model, load_sae, MicroEditor
-from microedit_lens.data import load_dataset
+
+from microedit_lens import MicroEditor, load_model, load_sae, metrics
+from microedit_lens.data import FORMATS, load_dataset
 from microedit_lens.lifelong import LifelongConfig, LifelongRunner
-from microedit_lens import metrics
-ck = sys.argv[1]
-model, sae = load_model(), load_sae()
-ed = MicroEditor.load(ck, model, sae=sae)
-n = ed.n_edits
-recs = load_dataset(str(Path(__file__).resolve().parents[2] / "shared/data/zsre/zsre_mend_eval_portability_gpt4.json"), limit=1000).records[:n]
-runner = LifelongRunner.for_editor(ed, sae)
-cfg = LifelongConfig(T=[n], generative=True)
-t = time.time()
-base = runner.baselines(recs, 32)
-sc = runner.score(recs, list(range(n)), base, cfg, [(r.success, r.seconds) for r in ed.results])
-m = metrics.mean
-out = dict(n_edits=n, reliability=m([s.reliability for s in sc]), generalization=m([s.generalization for s in sc]),
-           locality=m([s.locality for s in sc]), rel_generative=m([s.rel_generative for s in sc]),
-           edit_seconds_per_edit=m([r.seconds for r in ed.results]), success=m([float(r.success) for r in ed.results]),
-           score_seconds=time.time() - t, tau=ed.tau)
-out["average"] = (out["reliability"] + out["generalization"] + out["locality"]) / 3
-sys.stdout.write(json.dumps(out, indent=1) + "\n")
-json.dump(out, open(sys.argv[2], "w"), indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("editor_dir")
+    ap.add_argument("out")
+    ap.add_argument("--data", required=True, help="the edit file the editor's records came from")
+    ap.add_argument("--format", choices=sorted(FORMATS), default=None)
+    ap.add_argument("--no-generative", action="store_true")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(1)
+    model, sae = load_model(), load_sae()
+    ed = MicroEditor.load(a.editor_dir, model, sae=sae)
+    n = ed.n_edits
+    recs = load_dataset(a.data, a.format, limit=n).records[:n]
+    if [r.prompt for r in recs] != [r.request.prompt for r in ed.results]:
+        raise SystemExit(f"the first {n} records of {a.data} are not the ones this editor edited")
+    runner = LifelongRunner.for_editor(ed, sae)
+    cfg = LifelongConfig(T=[n], generative=not a.no_generative)
+    t = time.time()
+    base = runner.baselines(recs, cfg.batch_size)
+    sc = runner.score(recs, list(range(n)), base, cfg, [(r.success, r.seconds) for r in ed.results])
+    m = metrics.mean
+    out = dict(n_edits=n, reliability=m([s.reliability for s in sc]), generalization=m([s.generalization for s in sc]),
+               locality=m([s.locality for s in sc]), ppl=m([s.ppl for s in sc]), rel_generative=m([s.rel_generative for s in sc]),
+               edit_seconds_per_edit=m([r.seconds for r in ed.results]), success=m([float(r.success) for r in ed.results]),
+               score_seconds=time.time() - t, tau=ed.tau)
+    out["average"] = (out["reliability"] + out["generalization"] + out["locality"]) / 3
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    logging.getLogger(__name__).info("%s", json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

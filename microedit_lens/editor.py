@@ -170,6 +170,8 @@ class SelectedAnchors:
     A: torch.Tensor  # sparse [n_sel, m]
     residual: Float[torch.Tensor, "n_sel d"]
     weight: Float[torch.Tensor, " n_sel"]
+    index: Int[torch.Tensor, " n_sel"] | None = None
+    """Their positions in the bank."""
 
     def loss(self, delta_rows: Float[torch.Tensor, "m d"]) -> torch.Tensor:
         if self.residual.shape[0] == 0:
@@ -178,39 +180,81 @@ class SelectedAnchors:
         return (((self.residual + change) ** 2).sum(-1) * self.weight).sum()
 
 
-class AnchorBank:
-    """Positions whose reconstruction should not move, each with its SAE code (top-k values and
-    indices), the reconstruction to keep, a group (one group per edit or reference set) and a weight."""
+class CodeBank:
+    """Stored positions, each with its SAE code (top-k values and indices) plus per-position fields,
+    in groups (one group per edit or reference set). Subclasses name the extra fields."""
+
+    fields: tuple[str, ...] = ()
 
     def __init__(self, d: int, k: int) -> None:
         self.d, self.k = d, k
-        self._idx: list[torch.Tensor] = []
-        self._vals: list[torch.Tensor] = []
-        self._target: list[torch.Tensor] = []
-        self._weight: list[torch.Tensor] = []
+        self._data: dict[str, list[torch.Tensor]] = {n: [] for n in ("idx", "vals", *self.fields)}
         self._group: list[int] = []
 
     def __len__(self) -> int:
         return len(self._group)
 
-    def add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, target: torch.Tensor, weight: float) -> None:
-        """Add one group of positions (idx/vals [n, k], target [n, d]); each position gets ``weight``."""
-        self._idx.append(idx.to(torch.int32))
-        self._vals.append(vals.float())
-        self._target.append(target.float())
-        self._weight.append(torch.full((idx.shape[0],), float(weight)))
+    def _add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, **extra: torch.Tensor) -> None:
+        self._data["idx"].append(idx.to(torch.int32))
+        self._data["vals"].append(vals.float())
+        for n in self.fields:
+            self._data[n].append(extra[n])
         self._group.append(group)
 
     def drop_groups_from(self, group: int) -> None:
         """Remove every group numbered ``>= group`` (used by rollback)."""
         keep = [i for i, g in enumerate(self._group) if g < group]
-        for name in ("_idx", "_vals", "_target", "_weight"):
-            lst = getattr(self, name)
-            setattr(self, name, [lst[i] for i in keep])
+        self._data = {n: [lst[i] for i in keep] for n, lst in self._data.items()}
         self._group = [self._group[i] for i in keep]
 
-    def _cat(self) -> tuple[torch.Tensor, ...]:
-        return (torch.cat(self._idx), torch.cat(self._vals), torch.cat(self._target), torch.cat(self._weight))
+    def _cat(self, name: str) -> torch.Tensor:
+        return torch.cat(self._data[name])
+
+    def _hits(self, rows: Int[torch.Tensor, " m"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions whose code uses any of ``rows`` (sorted): (their indices in the bank, idx, vals,
+        A = their codes restricted to ``rows`` as a sparse [n_sel, m] matrix)."""
+        idx, vals = self._cat("idx"), self._cat("vals")
+        hit = torch.isin(idx, rows.to(torch.int32)) & (vals > 0)
+        sel = hit.any(1).nonzero().squeeze(1)
+        idx, vals, hit = idx[sel].long(), vals[sel], hit[sel]
+        r, c = hit.nonzero(as_tuple=True)
+        cols = torch.searchsorted(rows, idx[r, c])
+        A = torch.sparse_coo_tensor(torch.stack([r, cols]), vals[r, c], (len(sel), rows.shape[0]), check_invariants=False).coalesce()
+        return sel, idx, vals, A
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        if len(self) == 0:
+            return {}
+        out = {f"{prefix}.{n}": self._cat(n) for n in self._data}
+        out[f"{prefix}.sizes"] = torch.tensor([t.shape[0] for t in self._data["idx"]])
+        out[f"{prefix}.groups"] = torch.tensor(self._group)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, d: int, k: int) -> "CodeBank":
+        bank = cls(d, k)
+        if f"{prefix}.sizes" not in tensors:
+            return bank
+        sizes = tensors[f"{prefix}.sizes"].tolist()
+        splits = {n: torch.split(tensors[f"{prefix}.{n}"], sizes) for n in bank._data}
+        for i, g in enumerate(tensors[f"{prefix}.groups"].tolist()):
+            for n in bank._data:
+                bank._data[n].append(splits[n][i].clone())
+            bank._group.append(g)
+        return bank
+
+
+class AnchorBank(CodeBank):
+    """Positions whose reconstruction should not move: code, the reconstruction to keep, a weight."""
+
+    fields = ("target", "weight")
+
+    def add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, target: torch.Tensor, weight: float) -> None:
+        """Add one group of positions (idx/vals [n, k], target [n, d]); each position gets ``weight``."""
+        self._add(group, idx, vals, target=target.float(), weight=torch.full((idx.shape[0],), float(weight)))
+
+    def scale_weights(self, factor: float) -> None:
+        self._data["weight"] = [w * factor for w in self._data["weight"]]
 
     @torch.no_grad()
     def select(self, rows: Int[torch.Tensor, " m"], W_dec: torch.Tensor, b_dec: torch.Tensor) -> SelectedAnchors:
@@ -218,11 +262,9 @@ class AnchorBank:
         m = rows.shape[0]
         if len(self) == 0:
             return SelectedAnchors(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (0, m)),
-                                   torch.zeros(0, self.d), torch.zeros(0))
-        idx, vals, target, weight = self._cat()
-        hit = torch.isin(idx, rows.to(torch.int32)) & (vals > 0)
-        sel = hit.any(1).nonzero().squeeze(1)
-        idx, vals, target, weight, hit = idx[sel].long(), vals[sel], target[sel], weight[sel], hit[sel]
+                                   torch.zeros(0, self.d), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        sel, idx, vals, A = self._hits(rows)
+        target, weight = self._cat("target")[sel], self._cat("weight")[sel]
         n_sel = len(sel)
         # current reconstruction of the selected positions as one sparse x dense matmul (no [n, k, d]
         # gather): codes C [n_sel, d_sae] @ W_dec + b_dec
@@ -230,33 +272,52 @@ class AnchorBank:
         C = torch.sparse_coo_tensor(torch.stack([rows_all, idx.reshape(-1)]), vals.reshape(-1).to(W_dec.dtype),
                                     (n_sel, W_dec.shape[0]), check_invariants=False)
         residual = (torch.sparse.mm(C, W_dec) + b_dec - target) if n_sel else torch.zeros(0, self.d)
-        r, c = hit.nonzero(as_tuple=True)
-        cols = torch.searchsorted(rows, idx[r, c])
-        A = torch.sparse_coo_tensor(torch.stack([r, cols]), vals[r, c], (len(sel), m), check_invariants=False).coalesce()
-        return SelectedAnchors(A, residual.float(), weight)
+        return SelectedAnchors(A, residual.float(), weight, sel)
 
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+
+@dataclass
+class SelectedSensitivities:
+    """Stored target sensitivities that depend on the rows being trained: for constraint ``j`` (one
+    target token of one earlier edit) the first-order change of its log-prob under a row change
+    ``dR`` is ``sum_{p in j} (A_p dR) . G_p``."""
+
+    A: torch.Tensor  # sparse [n_sel, m]
+    grad: Float[torch.Tensor, "n_sel d"]
+    constraint: Int[torch.Tensor, " n_sel"]  # 0..n_constraints-1
+    n_constraints: int
+
+    def change(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " n_constraints"]:
+        """First-order change of every selected target log-prob under ``dR``."""
+        per_pos = (torch.sparse.mm(self.A.to(dR.dtype), dR) * self.grad.to(dR.dtype)).sum(-1)
+        return torch.zeros(self.n_constraints, dtype=dR.dtype).index_add_(0, self.constraint, per_pos)
+
+
+class SensitivityBank(CodeBank):
+    """Per earlier edit and target token: the gradient of the token's log-prob with respect to the
+    reconstruction at each of the edit's positions (with the code of the position)."""
+
+    fields = ("grad", "token")
+
+    def add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, grad: Float[torch.Tensor, "n_target n d"], keep: int) -> None:
+        """One edit's positions (idx/vals [n, k]) and the gradients of its ``n_target`` token log-probs
+        w.r.t. them; per token only the ``keep`` positions with the largest gradient norm are kept."""
+        n_t, n = grad.shape[:2]
+        top = grad.norm(dim=-1).topk(min(keep, n), dim=1).indices.sort(dim=1).values  # [n_t, keep]
+        pos = top.reshape(-1)
+        self._add(group, idx[pos], vals[pos], grad=grad[torch.arange(n_t).repeat_interleave(top.shape[1]), pos].to(torch.bfloat16),
+                  token=torch.arange(n_t).repeat_interleave(top.shape[1]))
+
+    @torch.no_grad()
+    def select(self, rows: Int[torch.Tensor, " m"]) -> SelectedSensitivities:
         if len(self) == 0:
-            return {}
-        idx, vals, target, weight = self._cat()
-        sizes = torch.tensor([t.shape[0] for t in self._idx])
-        return {f"{prefix}.idx": idx, f"{prefix}.vals": vals, f"{prefix}.target": target,
-                f"{prefix}.weight": weight, f"{prefix}.sizes": sizes, f"{prefix}.groups": torch.tensor(self._group)}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, d: int, k: int) -> "AnchorBank":
-        bank = cls(d, k)
-        if f"{prefix}.sizes" not in tensors:
-            return bank
-        sizes = tensors[f"{prefix}.sizes"].tolist()
-        splits = {n: torch.split(tensors[f"{prefix}.{n}"], sizes) for n in ("idx", "vals", "target", "weight")}
-        for i, g in enumerate(tensors[f"{prefix}.groups"].tolist()):
-            bank._idx.append(splits["idx"][i].clone())
-            bank._vals.append(splits["vals"][i].clone())
-            bank._target.append(splits["target"][i].clone())
-            bank._weight.append(splits["weight"][i].clone())
-            bank._group.append(g)
-        return bank
+            return SelectedSensitivities(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (0, rows.shape[0])),
+                                         torch.zeros(0, self.d), torch.zeros(0, dtype=torch.long), 0)
+        sel, _, _, A = self._hits(rows)
+        group = torch.cat([torch.full((t.shape[0],), i) for i, t in enumerate(self._data["token"])])
+        key = group[sel] * 100_000 + self._cat("token")[sel]
+        _, constraint = torch.unique(key, return_inverse=True)
+        n_c = int(constraint.max()) + 1 if len(sel) else 0
+        return SelectedSensitivities(A, self._cat("grad")[sel].float(), constraint, n_c)
 
 
 def batch_tokens(model: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

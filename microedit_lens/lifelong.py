@@ -42,6 +42,11 @@ class LifelongConfig:
     """Where progress and mid-chunk editor state are saved; an existing checkpoint is resumed."""
     checkpoint_every: int = 100
     """Save after this many edits (and at the end of every chunk that passes the mark)."""
+    share_prefixes: bool = True
+    """When several T give a single chunk each (e.g. T=3000 and 5000 over 5000 records), the smaller
+    T's chunk is the prefix of the larger one's stream: make the larger stream's edits once and score
+    the smaller T when its edit count is reached (the same numbers as a separate run: every edit
+    depends only on the edits before it)."""
 
     def __post_init__(self) -> None:
         if not self.T or any(t < 1 for t in self.T):
@@ -228,14 +233,24 @@ class LifelongRunner:
         base = self.baselines(records, cfg.batch_size)
         ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         progress = _load_progress(ckpt)
+        single = sorted({min(t, len(records)) for t in cfg.T if len(records) // min(t, len(records)) == 1})
+        prefixes = single[:-1] if cfg.share_prefixes and records else []
         runs: dict[int, TRun] = {}
         for T in cfg.T:
-            runs[T] = self._run_T(records, T, base, cfg, ckpt, progress)
+            if min(T, len(records)) not in prefixes:
+                runs[T] = self._run_T(records, T, base, cfg, ckpt, progress, [p for p in prefixes if p < min(T, len(records))])
+        for T in cfg.T:
+            if T not in runs:
+                runs[T] = _trun(T, 1, progress[str(min(T, len(records)))])
+        runs = dict(sorted(runs.items()))
         tau = getattr(self.editor, "tau", None)
         return SweepResult(dataset=dataset_name, method=self.method_name, n_records=len(records),
                            config={"method": _config_dict(self.method_config), "lifelong": asdict(cfg)}, runs=runs, tau=tau)
 
-    def _run_T(self, records: list[EditRequest], T: int, base: _Baselines, cfg: LifelongConfig, ckpt: Path | None, progress: dict[str, Any]) -> TRun:
+    def _run_T(self, records: list[EditRequest], T: int, base: _Baselines, cfg: LifelongConfig, ckpt: Path | None,
+               progress: dict[str, Any], prefixes: Sequence[int] = ()) -> TRun:
+        """All chunks of one T; with ``prefixes`` (only for a single chunk) also score the stream after
+        each prefix length, stored under that T in ``progress``."""
         n = len(records)
         T_eff = min(T, n)
         if n % T_eff:
@@ -262,6 +277,13 @@ class LifelongRunner:
                 state["edit_s"] += res.seconds
                 bar.update(1)
                 since_save += 1
+                if j + 1 in prefixes and progress.get(str(j + 1), {}).get("chunks_done") != 1:
+                    progress[str(j + 1)] = self._score_prefix(chunk[: j + 1], base, cfg, info, time.perf_counter() - t_wall)
+                    if ckpt is not None:  # the prefix's scores are kept even if the stream is interrupted
+                        self.editor.save(mid)
+                        state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
+                        _save_progress(ckpt, progress)
+                        since_save = 0
                 if ckpt is not None and since_save >= cfg.checkpoint_every and j + 1 < T_eff:
                     self.editor.save(mid)
                     state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
@@ -283,23 +305,36 @@ class LifelongRunner:
                 since_save = 0
         bar.close()
         state["wall_s"] = time.perf_counter() - t_wall
-        recs = [RecordScore(**s) for s in state["scores"]]
-        m = metrics.mean
-        return TRun(
-            T=T, n_chunks=n_chunks, n_records=len(recs),
-            reliability=m([r.reliability for r in recs]),
-            generalization=m([r.generalization for r in recs if not math.isnan(r.generalization)]),
-            locality=m([r.locality for r in recs if not math.isnan(r.locality)]),
-            ppl=m([r.ppl for r in recs]),
-            rel_generative=m([r.rel_generative for r in recs]),
-            edit_success=m([float(r.edit_success) for r in recs]),
-            edit_seconds_total=state["edit_s"], edit_seconds_per_edit=state["edit_s"] / max(len(recs), 1),
-            score_seconds_total=state["score_s"], wall_seconds=state["wall_s"], records=recs,
-        )
+        return _trun(T, n_chunks, state)
+
+    def _score_prefix(self, chunk: list[EditRequest], base: _Baselines, cfg: LifelongConfig, info: list[tuple[bool, float]], wall_so_far: float) -> dict[str, Any]:
+        """Progress state of the run made of the first ``len(chunk)`` edits of the current stream."""
+        t0 = time.perf_counter()
+        scores = self.score(chunk, list(range(len(chunk))), base, cfg, info)
+        score_s = time.perf_counter() - t0
+        return {"chunks_done": 1, "scores": [asdict(s) for s in scores], "edit_s": sum(s for _, s in info),
+                "score_s": score_s, "wall_s": wall_so_far + score_s}
 
     def _restore_editor(self, path: Path) -> None:
         self.editor.detach()
         self.editor = self.method_class.load(path, self.model, sae=self.sae)
+
+
+def _trun(T: int, n_chunks: int, state: dict[str, Any]) -> TRun:
+    """Aggregate one T's progress state (per-record scores and timings)."""
+    recs = [RecordScore(**s) for s in state["scores"]]
+    m = metrics.mean
+    return TRun(
+        T=T, n_chunks=n_chunks, n_records=len(recs),
+        reliability=m([r.reliability for r in recs]),
+        generalization=m([r.generalization for r in recs if not math.isnan(r.generalization)]),
+        locality=m([r.locality for r in recs if not math.isnan(r.locality)]),
+        ppl=m([r.ppl for r in recs]),
+        rel_generative=m([r.rel_generative for r in recs]),
+        edit_success=m([float(r.edit_success) for r in recs]),
+        edit_seconds_total=state["edit_s"], edit_seconds_per_edit=state["edit_s"] / max(len(recs), 1),
+        score_seconds_total=state["score_s"], wall_seconds=state["wall_s"], records=recs,
+    )
 
 
 def _locality_pairs(r: EditRequest) -> list[tuple[str, str]]:

@@ -21,6 +21,11 @@ Deviations from the paper, all configurable (see ``docs/METHOD.md``):
   ``"gradient"`` the anchor terms are added to the Adam loss instead. Only the masked rows are trained,
   exactly as in the paper; the anchors decide *how* they move. Because a TopK code depends on the
   frozen encoder only, anchors need no LLM forward pass: they are sparse matmuls over stored codes.
+* **Keeping earlier targets** (``keep_targets``): the projected update also holds, to first order, the
+  log-prob of the earlier target tokens it would lower most (linear constraints from gradients stored
+  when each edit was made); see :meth:`MicroEditor._keep_targets`.
+* **Tracking tau** (``track_tau``): tau follows the calibration quantile of reference text's ARD
+  under the current decoder.
 * **Stopping rules.** Stage 1 stops once ARD <= ``ard_margin * tau``; stage 2 once every target token
   is the argmax with a log-prob margin of ``target_margin`` and ARD <= ``ard_margin * tau``.
 * **lr.** The paper's 5e-5 (LLaMA-3-8B, 4096-wide rows) does not move 576-wide SmolLM2 rows within
@@ -44,7 +49,7 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
-from microedit_lens.editor import AnchorBank, EditSequence, HookSite, RowHistory, batch_tokens, tokenize_request
+from microedit_lens.editor import AnchorBank, EditSequence, HookSite, RowHistory, SelectedSensitivities, SensitivityBank, batch_tokens, tokenize_request
 from microedit_lens.methods.base import EditMethod, register_method
 from microedit_lens.sae import check_editable, editable_copy
 from microedit_lens.switch import SwitchedSAE, SwitchMode, ard, sparse_decode, topk_codes, valid_positions
@@ -68,6 +73,11 @@ class MicroEditConfig:
     """Switch threshold. ``None``: set by :meth:`MicroEditor.calibrate` (paper: 0.5-0.55 on LLaMA-3-8B)."""
     tau_quantile: float = 0.02
     """Quantile of reference prompts' ARD used as tau by :meth:`MicroEditor.calibrate`."""
+    track_tau: bool = True
+    """With a calibrated tau: after every edit, set tau again to the ``tau_quantile`` quantile of the
+    reference texts' ARD *under the current decoder* (edits raise unrelated inputs' ARD, so a tau fixed
+    before the edits lets ever fewer inputs through; tracking keeps the share of reference text in
+    scope at the quantile). Costs a sparse matmul over the stored reference codes per edit."""
     stage1_max_steps: int = 30
     """Max Adam steps of stage 1 (distance regularisation). 0 disables stage 1."""
     stage2_max_steps: int = 60
@@ -95,6 +105,14 @@ class MicroEditConfig:
     repair: bool = True
     """Projection only: also pull anchored reconstructions that earlier edits moved back towards
     their targets, within the rows this edit trains."""
+    keep_targets: int = 512
+    """Projection only: at most this many target tokens of earlier edits, those whose log-prob the
+    row update would lower most to first order, are held exactly (a linear equality constraint
+    each, from the gradient of the token's log-prob w.r.t. the reconstruction stored when its edit
+    was made). 0 = off."""
+    keep_positions: int = 4
+    """keep_targets only: per target token, the constraint uses the positions with the largest
+    gradient (most of a token's sensitivity is at a few positions; cost grows with the square)."""
     max_latent_rate: float | None = None
     """Train only latents that fire on at most this share of reference tokens (measured by
     :meth:`MicroEditor.calibrate`); frequent 'format' latents are then left to every input alike.
@@ -131,6 +149,8 @@ class MicroEditConfig:
             raise ValueError("skip_first must be >= 0")
         if self.row_update not in ROW_UPDATES:
             raise ValueError(f"row_update must be one of {ROW_UPDATES}, got {self.row_update!r}")
+        if self.keep_targets < 0 or self.keep_positions < 1:
+            raise ValueError(f"keep_targets must be >= 0 and keep_positions >= 1, got {self.keep_targets}, {self.keep_positions}")
         if not self.ridge > 0:
             raise ValueError(f"ridge must be positive, got {self.ridge}")
 
@@ -175,6 +195,7 @@ class _EditProblem:
     idx: torch.Tensor  # [seq, k]
     vals: torch.Tensor  # [seq, k]
     anchors: list[tuple[float, Any]] = field(default_factory=list)
+    sensitivities: SelectedSensitivities | None = None
 
 
 class MicroEditor(EditMethod):
@@ -205,9 +226,11 @@ class MicroEditor(EditMethod):
         self.history = RowHistory()
         self.memory = AnchorBank(d, k)
         self.reference = AnchorBank(d, k)
+        self.sensitivity = SensitivityBank(d, k)
         self.results: list[EditResult] = []
         self._W_dec0 = self.sae.W_dec.detach().clone()
         self._touched = torch.zeros(self.sae.cfg.d_sae, dtype=torch.bool)
+        self._reference_error: _ReferenceError | None = None
         self.latent_rate: torch.Tensor | None = None
         """Share of reference tokens each latent fires on (set by calibrate)."""
         self._original_hook: Any = None
@@ -266,14 +289,15 @@ class MicroEditor(EditMethod):
 
     # ------------------------------------------------------------------ calibration / routing
     def _measure(self, texts: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Per batch of texts: (valid positions, codes idx, codes vals, reconstruction, ARD per text)
+        """Per batch of texts: (valid positions, codes idx, codes vals, reconstruction, clean activation,
+        ARD per text)
         under the current decoder, with nothing attached."""
         for i in range(0, len(texts), batch_size):
             toks, mask = batch_tokens(self.model, texts[i : i + batch_size])
             z, vals, idx = self._clean_and_codes(toks)
             recon = sparse_decode(vals, idx, self.sae.W_dec, self.sae.b_dec)
             valid = valid_positions(*toks.shape, self.cfg.skip_first, z.device, ~mask)
-            yield valid, idx, vals, recon, ard(recon, z, valid, self.cfg.alpha)
+            yield valid, idx, vals, recon, z, ard(recon, z, valid, self.cfg.alpha)
 
     @torch.no_grad()
     def route(self, texts: Sequence[str], batch_size: int = 32) -> Routing:
@@ -294,19 +318,44 @@ class MicroEditor(EditMethod):
         self.reference = AnchorBank(self.sae.cfg.d_in, self.sae.cfg.k)
         ards, n_tok = [], 0
         fired = torch.zeros(self.sae.cfg.d_sae)
-        for valid, idx, vals, recon, a in self._measure(texts, batch_size):
+        errors, owner = [], []
+        for i, (valid, idx, vals, recon, z, a) in enumerate(self._measure(texts, batch_size)):
             ards.append(a)
             self.reference.add(-1, idx[valid], vals[valid], recon[valid], weight=1.0)
+            errors.append((recon[valid] - z[valid]).float())
+            owner.append(valid.nonzero()[:, 0] + i * batch_size)
             fired.index_add_(0, idx[valid][vals[valid] > 0].reshape(-1).cpu(), torch.ones(int((vals[valid] > 0).sum())))
             n_tok += int(valid.sum())
         # every reference token weighs 1/n_tok: the anchor is a mean over reference tokens
-        self.reference._weight = [w / max(n_tok, 1) for w in self.reference._weight]
+        self.reference.scale_weights(1.0 / max(n_tok, 1))
         self.latent_rate = fired / max(n_tok, 1)
         a = torch.cat(ards)
-        tau = float(torch.quantile(a[torch.isfinite(a)], q))
+        self._reference_error = _ReferenceError(torch.cat(errors), torch.cat(owner).cpu(), len(texts), q)
+        tau = self._tracked_tau() if self.cfg.track_tau else float(torch.quantile(a[torch.isfinite(a)], q))
         if set_tau and self.cfg.tau is None:
             self.tau = tau
         return Calibration(tau=tau if self.cfg.tau is None else self.cfg.tau, quantile=q, ard=a, n_tokens=n_tok)
+
+    @torch.no_grad()
+    def _tracked_tau(self) -> float:
+        """The calibration quantile of the reference texts' ARD under the current decoder: stored
+        calibration errors plus the drift the touched rows cause (exact: codes are fixed)."""
+        ref = self._reference_error
+        if ref is None:
+            raise ValueError("track_tau needs the reference errors from calibrate(reference_texts)")
+        err = ref.error.clone()
+        rows = self._touched.nonzero().squeeze(1)
+        if rows.numel() and len(self.reference):
+            sel = self.reference.select(rows, self.sae.W_dec, self.sae.b_dec)
+            err[sel.index] += sel.residual
+        sq = torch.zeros(ref.n_texts, dtype=torch.float64).index_add_(0, ref.owner, (err.double() ** 2).sum(-1))
+        n = torch.zeros(ref.n_texts, dtype=torch.float64).index_add_(0, ref.owner, torch.ones(len(ref.owner), dtype=torch.float64))
+        a = sq[n > 0] / (self.cfg.alpha * n[n > 0])
+        return float(torch.quantile(a, ref.quantile))
+
+    def _retrack_tau(self) -> None:
+        if self.cfg.track_tau and self.cfg.tau is None and self._reference_error is not None:
+            self.tau = self._tracked_tau()
 
     def prepare(self, reference_texts: Sequence[str]) -> None:
         self.calibrate(reference_texts)
@@ -364,7 +413,13 @@ class MicroEditor(EditMethod):
         for weight, bank in ((self.cfg.memory_weight, self.memory), (self.cfg.reference_weight, self.reference)):
             if weight > 0 and len(bank):
                 prob.anchors.append((weight, bank.select(rows, W, b)))
+        if self._keeps_targets and len(self.sensitivity):
+            prob.sensitivities = self.sensitivity.select(rows)
         return prob
+
+    @property
+    def _keeps_targets(self) -> bool:
+        return self.cfg.row_update == "projected" and self.cfg.keep_targets > 0
 
     def _objective(self, prob: _EditProblem, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (z_hat [seq, d], ARD of the edit sequence, weighted anchor loss)."""
@@ -385,6 +440,19 @@ class MicroEditor(EditMethod):
         tgt_lp = lp.gather(-1, tgt).squeeze(-1)
         other = lp.scatter(-1, tgt, float("-inf")).max(-1).values
         return -tgt_lp.mean(), (tgt_lp - other).min()
+
+    def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor) -> Float[torch.Tensor, "n_target seq d"]:
+        """Gradient of each target token's log-prob w.r.t. the reconstruction at every position (one
+        batched backward pass: copy ``t`` of the sequence carries token ``t``'s log-prob)."""
+        n_t = len(prob.seq.target_ids)
+        zh = z_hat.detach()[None].repeat(n_t, 1, 1).requires_grad_(True)
+        with torch.enable_grad(), self.detached():
+            resid = torch.where(prob.valid[None, :, None], zh.to(prob.z.dtype), prob.z)
+            logits = self.site.logits_from(resid, prob.seq.tokens[None].repeat(n_t, 1), positions=prob.seq.target_positions)
+            lp = logits.float().log_softmax(-1)  # [n_t, n_t, vocab]
+            t = torch.arange(n_t)
+            lp[t, t, prob.seq.target_ids].sum().backward()
+        return zh.grad.detach().float()
 
     def _run_stage(self, prob: _EditProblem, R: torch.Tensor, steps: int, with_edit: bool) -> StageStats:
         opt = torch.optim.Adam([R], lr=self.cfg.lr)
@@ -438,7 +506,42 @@ class MicroEditor(EditMethod):
         M.diagonal().add_(1e-10 * float(M.diagonal().mean()))
         nu = torch.linalg.solve(M, D + Ae @ y)
         dR = X @ nu - y
+        if prob.sensitivities is not None and prob.sensitivities.n_constraints:
+            dR = self._keep_targets(prob.sensitivities, dR, L, X, Ae, M)
         return (prob.R0.to(f8) + dR).to(R.dtype)
+
+    def _keep_targets(self, sens: SelectedSensitivities, dR: torch.Tensor, L: torch.Tensor, X: torch.Tensor, Ae: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """Add to the projected update the least (in the projection's metric) correction that zeroes
+        the first-order log-prob change of the earlier target tokens it would lower most.
+
+        With ``P = H^-1 - X M^-1 X^T`` (the metric restricted to updates that keep the edit's own
+        reconstruction), the correction is ``sum_j lambda_j P C_j`` with ``K lambda = -c``,
+        ``K_ij = <C_i, P C_j>`` and ``c_j = <C_j, dR>``; ``C_j = sum_{p in j} a_p g_p^T`` is low rank, so
+        everything is computed from ``P a_p`` and ``g_p . g_q``."""
+        chosen = torch.zeros(0, dtype=torch.long)
+        for _ in range(3):  # a correction can push other tokens down: re-check twice
+            c = sens.change(dR)
+            c[chosen] = 0.0
+            worst = torch.argsort(c)[: self.cfg.keep_targets - len(chosen)]
+            worst = worst[c[worst] < -1e-4]
+            if len(worst) == 0:
+                break
+            chosen = torch.cat([chosen, worst])
+            pos = torch.isin(sens.constraint, chosen).nonzero().squeeze(1)
+            A = sens.A.index_select(0, pos).coalesce().to(dR.dtype)  # sparse [n, m]
+            G = sens.grad[pos].to(dR.dtype)  # [n, d]
+            slot = torch.full((sens.n_constraints,), -1, dtype=torch.long)
+            slot[chosen] = torch.arange(len(chosen))
+            E = torch.nn.functional.one_hot(slot[sens.constraint[pos]], len(chosen)).to(dR.dtype)  # [n, J]
+            At = A.to_dense().T.contiguous()  # [m, n]
+            PA = torch.cholesky_solve(At, L) - X @ torch.linalg.solve(M, X.T @ At)  # P a_p  [m, n]
+            K = E.T @ (torch.sparse.mm(A, PA) * (G.float() @ G.float().T).to(dR.dtype)) @ E
+            c_all = sens.change(dR)[chosen]
+            evals, evecs = torch.linalg.eigh(K)
+            keep = evals > 1e-10 * evals.abs().max()
+            lam = evecs[:, keep] @ ((evecs[:, keep].T @ -c_all) / evals[keep])
+            dR = dR + PA @ ((E @ lam)[:, None] * G)
+        return dR
 
     def _edit_one(self, request: EditRequest, seq: EditSequence) -> EditResult:
         t0 = time.perf_counter()
@@ -465,8 +568,11 @@ class MicroEditor(EditMethod):
         with torch.no_grad():
             self.sae.W_dec[prob.rows] = R.detach().to(self.sae.W_dec.dtype)
         self._touched[prob.rows] = True
+        self._retrack_tau()
         v = prob.valid
         self.memory.add(index, prob.idx[v], prob.vals[v], z_hat[v].detach(), weight=1.0 / int(v.sum()))
+        if self._keeps_targets:
+            self.sensitivity.add(index, prob.idx[v], prob.vals[v], self._target_gradients(prob, z_hat.detach())[:, v], self.cfg.keep_positions)
         ard_after = rec.item()
         success = margin.item() > 0 and ard_after <= self.switch.tau
         return EditResult(
@@ -488,6 +594,8 @@ class MicroEditor(EditMethod):
         else:
             self.history.rollback(self.sae.W_dec, n_edits)
         self.memory.drop_groups_from(n_edits)
+        self._retrack_tau()
+        self.sensitivity.drop_groups_from(n_edits)
         del self.results[n_edits:]
 
     # ------------------------------------------------------------------ persistence
@@ -505,8 +613,11 @@ class MicroEditor(EditMethod):
         tensors.update(self.history.tensors())
         tensors.update(self.memory.tensors("memory"))
         tensors.update(self.reference.tensors("reference"))
+        tensors.update(self.sensitivity.tensors("sensitivity"))
         if self.latent_rate is not None:
             tensors["latent_rate"] = self.latent_rate
+        if self._reference_error is not None:
+            tensors.update(self._reference_error.tensors())
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "state.safetensors"))
         self.sae.save_model(str(path / "sae"))
         meta = {
@@ -550,13 +661,36 @@ class MicroEditor(EditMethod):
         d, k = editor.sae.cfg.d_in, editor.sae.cfg.k
         editor.memory = AnchorBank.from_tensors(tensors, "memory", d, k)
         editor.reference = AnchorBank.from_tensors(tensors, "reference", d, k)
+        editor.sensitivity = SensitivityBank.from_tensors(tensors, "sensitivity", d, k)
         editor.results = [EditResult.from_dict(r) for r in meta["results"]]
         editor.latent_rate = tensors.get("latent_rate")
+        editor._reference_error = _ReferenceError.from_tensors(tensors)
         if meta["tau"] is not None:
             editor.tau = meta["tau"]
         if attach:
             editor.attach()
         return editor
+
+
+@dataclass
+class _ReferenceError:
+    """Reconstruction error of every reference position at calibration, and which text it is in."""
+
+    error: Float[torch.Tensor, "n d"]
+    owner: torch.Tensor  # [n] text index
+    n_texts: int
+    quantile: float
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"reference_error.error": self.error, "reference_error.owner": self.owner,
+                "reference_error.meta": torch.tensor([float(self.n_texts), self.quantile], dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "_ReferenceError | None":
+        if "reference_error.error" not in tensors:
+            return None
+        n_texts, q = tensors["reference_error.meta"].tolist()
+        return cls(tensors["reference_error.error"], tensors["reference_error.owner"], int(n_texts), q)
 
 
 def _fingerprint(sae: Any) -> str:

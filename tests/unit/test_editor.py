@@ -269,7 +269,7 @@ def test_memory_anchor_protects_earlier_edits(tiny_model, tiny_sae, reference_te
         assert sel.residual.abs().max() < 1e-4
         ed.edit(REQS[1:])
         sel = ed.memory.select(torch.arange(128), ed.sae.W_dec, ed.sae.b_dec)
-        drift[w] = sel.residual[: ed.memory._idx[0].shape[0]].norm().item()
+        drift[w] = sel.residual[: ed.memory._data["idx"][0].shape[0]].norm().item()
         ed.detach()
     assert drift[100.0] < drift[0.0]
 
@@ -312,6 +312,82 @@ def test_projection_keeps_the_edit_sequence_reconstruction(tiny_model, tiny_sae,
     moved = {k: anchors.loss(seen[k] - prob.R0).item() for k in ("adam", "projected")}
     assert moved["projected"] <= moved["adam"] + 1e-6
     ed.detach()
+
+
+def test_keep_targets_holds_earlier_targets_to_first_order(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    """With keep_targets, the projected update still realises the edit's own reconstruction exactly,
+    and no earlier target token's log-prob is lowered to first order (checked against a finite
+    difference of the real model for the first edit's tokens)."""
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, keep_targets=1000)
+    ed.edit(REQS[:2])
+    assert len(ed.sensitivity) == 2
+    g = ed.sensitivity._data["grad"][0].float()
+    assert g.abs().sum() > 0
+    seen = {}
+    original = MicroEditor._project
+
+    def spy(self, prob, R):
+        out = original(self, prob, R)
+        seen.update(prob=prob, adam=R.clone(), projected=out.clone())
+        return out
+
+    monkeypatch.setattr(MicroEditor, "_project", spy)
+    ed.edit(REQS[2])
+    prob = seen["prob"]
+    A = prob.A[prob.valid]
+    torch.testing.assert_close(A @ (seen["projected"] - prob.R0), A @ (seen["adam"] - prob.R0), rtol=1e-4, atol=1e-4)
+    sens = prob.sensitivities
+    assert sens is not None and sens.n_constraints > 0
+    change = sens.change((seen["projected"] - prob.R0).double())
+    assert change.min() > -1e-3
+    # undo/rollback/save keep the sensitivity bank in step with the edits
+    ed.undo()
+    assert len(ed.sensitivity) == 2
+    ed.detach()
+
+
+def test_target_gradients_match_finite_differences(tiny_model, tiny_sae, reference_texts):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, keep_targets=8)
+    from microedit_lens.editor import tokenize_request
+
+    seq = tokenize_request(tiny_model, REQS[0])
+    prob = ed._problem(seq)
+    z_hat = ed._objective(prob, prob.R0)[0].detach()
+    G = ed._target_gradients(prob, z_hat)
+    assert G.shape == (len(seq.target_ids), len(seq.tokens), tiny_model.cfg.d_model)
+    direction = torch.randn_like(z_hat) * prob.valid[:, None]
+    eps = 1e-3
+
+    def logprobs(zh):
+        resid = torch.where(prob.valid[None, :, None], zh[None], prob.z)
+        with ed.detached():
+            lp = ed.site.logits_from(resid, seq.tokens[None], positions=seq.target_positions)[0].log_softmax(-1)
+        return lp[torch.arange(len(seq.target_ids)), seq.target_ids]
+
+    fd = (logprobs(z_hat + eps * direction) - logprobs(z_hat - eps * direction)) / (2 * eps)
+    torch.testing.assert_close((G * direction).sum((1, 2)), fd, rtol=2e-2, atol=2e-3)
+    ed.detach()
+
+
+def test_tracked_tau_is_the_reference_quantile_under_the_current_decoder(tiny_model, tiny_sae, reference_texts, tmp_path):
+    plain = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(**FAST, tau_quantile=0.5), attach=False)
+    untracked = plain.calibrate(reference_texts).tau
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=True, tau_quantile=0.5)
+    tau0 = ed.tau
+    assert tau0 == pytest.approx(untracked, rel=1e-5)
+    ed.edit(REQS)
+    assert ed.tau != tau0
+    assert ed.tau == pytest.approx(float(torch.quantile(ed.route(reference_texts).ard, 0.5)), rel=1e-4)
+    tau3 = ed.tau
+    ed.save(tmp_path / "e")
+    ed.rollback(0)
+    assert ed.tau == tau0
+    ed.detach()
+    ed2 = MicroEditor.load(tmp_path / "e", tiny_model, sae=tiny_sae)
+    assert ed2.tau == tau3
+    ed2.undo()
+    assert ed2.tau == pytest.approx(float(torch.quantile(ed2.route(reference_texts).ard, 0.5)), rel=1e-4)
+    ed2.detach()
 
 
 def test_logits_at_positions_match_full_logits(tiny_model):

@@ -123,6 +123,36 @@ def test_resume_reproduces_results(tiny_model, tiny_sae, tmp_path):
         assert a == b
 
 
+def test_shared_prefix_equals_separate_runs(tiny_model, tiny_sae, tmp_path):
+    """T=3 and T=5 over 5 records are one chunk each: scoring T=3 at the 3rd edit of the T=5 stream
+    gives exactly the numbers of a separate T=3 run, also across an interruption."""
+    recs = make_records(5)
+    kw = dict(method_config=MicroEditConfig(**CFG), reference_texts=REFS)
+    separate = run_lifelong(tiny_model, tiny_sae, recs, LifelongConfig(T=[3, 5], generative=False, share_prefixes=False), **kw)
+    ck = tmp_path / "ck"
+    cfg = LifelongConfig(T=[5, 3], generative=False, checkpoint_dir=str(ck), checkpoint_every=1)
+    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), REFS)
+    calls = {"n": 0}
+    real_edit = runner.editor.edit
+
+    def flaky(req):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the T=3 prefix was scored
+            raise KeyboardInterrupt
+        return real_edit(req)
+
+    runner.editor.edit = flaky
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(recs, cfg)
+    runner.close()
+    shared = run_lifelong(tiny_model, tiny_sae, recs, cfg, **kw)
+    assert list(shared.runs) == [3, 5]
+    for T in (3, 5):
+        a = [(r.index, r.reliability, r.generalization, r.locality, r.ppl) for r in separate.runs[T].records]
+        b = [(r.index, r.reliability, r.generalization, r.locality, r.ppl) for r in shared.runs[T].records]
+        assert a == b and shared.runs[T].n_records == T
+
+
 def test_logits_at_matches_full_forward_on_a_hooked_model(tiny_model):
     from microedit_lens.metrics import logits_at
 
