@@ -43,7 +43,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -159,7 +160,13 @@ class MicroEditConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MicroEditConfig":
-        return cls(**d)
+        """A saved config; fields added after it was saved take the value that reproduces what the
+        saving version did (e.g. ``keep_targets=0``), not today's default."""
+        return cls(**{**_ADDED_LATER, **d})
+
+
+_ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False})
+"""Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
 @dataclass

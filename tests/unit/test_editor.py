@@ -213,6 +213,15 @@ def test_config_validation():
             MicroEditConfig(**bad)
 
 
+def test_configs_saved_before_a_field_existed_load_with_its_old_behaviour():
+    d = MicroEditConfig().to_dict()
+    for name in ("keep_targets", "keep_positions", "track_tau"):
+        d.pop(name)
+    old = MicroEditConfig.from_dict(d)
+    assert old.keep_targets == 0 and not old.track_tau
+    assert MicroEditConfig.from_dict(MicroEditConfig().to_dict()) == MicroEditConfig()
+
+
 def test_registry():
     assert get_method("microedit").method_class is MicroEditor
     with pytest.raises(KeyError, match="unknown editing method"):
