@@ -299,12 +299,9 @@ def test_without_history_only_full_rollback(tiny_model, tiny_sae, reference_text
     assert torch.equal(ed2.sae.W_dec, tiny_sae.W_dec)
 
 
-def test_projection_keeps_the_edit_sequence_reconstruction(tiny_model, tiny_sae, reference_texts, monkeypatch):
-    """The projected row update gives the edit sequence exactly the reconstruction Adam found, and moves
-    the anchored reconstructions (earlier edits) less than Adam's own row update would."""
-    ed = make_editor(tiny_model, tiny_sae, reference_texts, memory_weight=10.0)
-    ed.edit(REQS[0])
-    seen = {}
+def spy_on_projection(monkeypatch) -> dict:
+    """Record the problem, Adam's rows and the projected rows of the next edits' projections."""
+    seen: dict = {}
     original = MicroEditor._project
 
     def spy(self, prob, R):
@@ -313,10 +310,25 @@ def test_projection_keeps_the_edit_sequence_reconstruction(tiny_model, tiny_sae,
         return out
 
     monkeypatch.setattr(MicroEditor, "_project", spy)
-    ed.edit(REQS[1])
+    return seen
+
+
+def assert_keeps_own_reconstruction(seen: dict) -> None:
+    """The projected rows give the edit sequence exactly the reconstruction Adam's rows give it."""
     prob = seen["prob"]
     A = prob.A[prob.valid]
     torch.testing.assert_close(A @ (seen["projected"] - prob.R0), A @ (seen["adam"] - prob.R0), rtol=1e-4, atol=1e-4)
+
+
+def test_projection_keeps_the_edit_sequence_reconstruction(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    """The projected row update gives the edit sequence exactly the reconstruction Adam found, and moves
+    the anchored reconstructions (earlier edits) less than Adam's own row update would."""
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, memory_weight=10.0)
+    ed.edit(REQS[0])
+    seen = spy_on_projection(monkeypatch)
+    ed.edit(REQS[1])
+    prob = seen["prob"]
+    assert_keeps_own_reconstruction(seen)
     (_, anchors), *_ = prob.anchors
     moved = {k: anchors.loss(seen[k] - prob.R0).item() for k in ("adam", "projected")}
     assert moved["projected"] <= moved["adam"] + 1e-6
@@ -332,19 +344,10 @@ def test_keep_targets_holds_earlier_targets_to_first_order(tiny_model, tiny_sae,
     assert len(ed.sensitivity) == 2
     g = ed.sensitivity._data["grad"][0].float()
     assert g.abs().sum() > 0
-    seen = {}
-    original = MicroEditor._project
-
-    def spy(self, prob, R):
-        out = original(self, prob, R)
-        seen.update(prob=prob, adam=R.clone(), projected=out.clone())
-        return out
-
-    monkeypatch.setattr(MicroEditor, "_project", spy)
+    seen = spy_on_projection(monkeypatch)
     ed.edit(REQS[2])
     prob = seen["prob"]
-    A = prob.A[prob.valid]
-    torch.testing.assert_close(A @ (seen["projected"] - prob.R0), A @ (seen["adam"] - prob.R0), rtol=1e-4, atol=1e-4)
+    assert_keeps_own_reconstruction(seen)
     sens = prob.sensitivities
     assert sens is not None and sens.n_constraints > 0
     change = sens.change((seen["projected"] - prob.R0).double())

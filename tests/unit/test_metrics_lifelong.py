@@ -94,20 +94,15 @@ def test_locality_baseline_is_pre_edit(tiny_model, tiny_sae):
     runner.close()
 
 
-def test_resume_reproduces_results(tiny_model, tiny_sae, tmp_path):
-    recs = make_records(6)
-    cfg_full = LifelongConfig(T=[3, 6], generative=False)
-    full = run_lifelong(tiny_model, tiny_sae, recs, cfg_full, method_config=MicroEditConfig(**CFG), reference_texts=REFS)
-
-    ck = tmp_path / "ck"
-    cfg = LifelongConfig(T=[3, 6], generative=False, checkpoint_dir=str(ck), checkpoint_every=2)
-    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), REFS)
+def interrupted_run(model, sae, recs, cfg, after_edits: int) -> None:
+    """Run the protocol and interrupt it (KeyboardInterrupt) when edit number ``after_edits + 1`` starts."""
+    runner = LifelongRunner(model, sae, "microedit", MicroEditConfig(**CFG), REFS)
     calls = {"n": 0}
     real_edit = runner.editor.edit
 
     def flaky(req):
         calls["n"] += 1
-        if calls["n"] == 9:  # interrupted in the middle of the T=6 chunk
+        if calls["n"] == after_edits + 1:
             raise KeyboardInterrupt
         return real_edit(req)
 
@@ -115,6 +110,16 @@ def test_resume_reproduces_results(tiny_model, tiny_sae, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         runner.run(recs, cfg)
     runner.close()
+
+
+def test_resume_reproduces_results(tiny_model, tiny_sae, tmp_path):
+    recs = make_records(6)
+    cfg_full = LifelongConfig(T=[3, 6], generative=False)
+    full = run_lifelong(tiny_model, tiny_sae, recs, cfg_full, method_config=MicroEditConfig(**CFG), reference_texts=REFS)
+
+    ck = tmp_path / "ck"
+    cfg = LifelongConfig(T=[3, 6], generative=False, checkpoint_dir=str(ck), checkpoint_every=2)
+    interrupted_run(tiny_model, tiny_sae, recs, cfg, after_edits=8)  # in the middle of the T=6 chunk
     assert (ck / "progress.json").is_file()
     resumed = run_lifelong(tiny_model, tiny_sae, recs, cfg, method_config=MicroEditConfig(**CFG), reference_texts=REFS)
     for T in (3, 6):
@@ -131,20 +136,7 @@ def test_shared_prefix_equals_separate_runs(tiny_model, tiny_sae, tmp_path):
     separate = run_lifelong(tiny_model, tiny_sae, recs, LifelongConfig(T=[3, 5], generative=False, share_prefixes=False), **kw)
     ck = tmp_path / "ck"
     cfg = LifelongConfig(T=[5, 3], generative=False, checkpoint_dir=str(ck), checkpoint_every=1)
-    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), REFS)
-    calls = {"n": 0}
-    real_edit = runner.editor.edit
-
-    def flaky(req):
-        calls["n"] += 1
-        if calls["n"] == 4:  # after the T=3 prefix was scored
-            raise KeyboardInterrupt
-        return real_edit(req)
-
-    runner.editor.edit = flaky
-    with pytest.raises(KeyboardInterrupt):
-        runner.run(recs, cfg)
-    runner.close()
+    interrupted_run(tiny_model, tiny_sae, recs, cfg, after_edits=3)  # after the T=3 prefix was scored
     shared = run_lifelong(tiny_model, tiny_sae, recs, cfg, **kw)
     assert list(shared.runs) == [3, 5]
     for T in (3, 5):
