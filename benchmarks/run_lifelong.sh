@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The lifelong benchmarks of docs/RESULTS.md (WISE protocol), on the embedded model and shipped SAE.
 # Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-sweep|zsre-small|hallucination|hallucination-sweep|hallucination-small|counterfact] [OUT_DIR]
-# zsre = the T=1000 stream; zsre-sweep = T=1,10,100 over the same 1000 records; every run checkpoints and resumes.
+# zsre = the T=1000 stream; zsre-sweep = T=1,10,100 over the same 1000 records; counterfact = one 5000-edit
+# stream scored after edit 3000 (T=3000) and 5000 (T=5000). Every run checkpoints and resumes (same command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${MICROEDIT_DATA:-../shared/data}

@@ -241,7 +241,7 @@ class LifelongRunner:
                 runs[T] = self._run_T(records, T, base, cfg, ckpt, progress, [p for p in prefixes if p < min(T, len(records))])
         for T in cfg.T:
             if T not in runs:
-                runs[T] = _trun(T, 1, progress[str(min(T, len(records)))])
+                runs[T] = trun_from_progress(T, 1, progress[str(min(T, len(records)))])
         runs = dict(sorted(runs.items()))
         tau = getattr(self.editor, "tau", None)
         return SweepResult(dataset=dataset_name, method=self.method_name, n_records=len(records),
@@ -305,7 +305,7 @@ class LifelongRunner:
                 since_save = 0
         bar.close()
         state["wall_s"] = time.perf_counter() - t_wall
-        return _trun(T, n_chunks, state)
+        return trun_from_progress(T, n_chunks, state)
 
     def _score_prefix(self, chunk: list[EditRequest], base: _Baselines, cfg: LifelongConfig, info: list[tuple[bool, float]], wall_so_far: float) -> dict[str, Any]:
         """Progress state of the run made of the first ``len(chunk)`` edits of the current stream."""
@@ -320,7 +320,7 @@ class LifelongRunner:
         self.editor = self.method_class.load(path, self.model, sae=self.sae)
 
 
-def _trun(T: int, n_chunks: int, state: dict[str, Any]) -> TRun:
+def trun_from_progress(T: int, n_chunks: int, state: dict[str, Any]) -> TRun:
     """Aggregate one T's progress state (per-record scores and timings)."""
     recs = [RecordScore(**s) for s in state["scores"]]
     m = metrics.mean
