@@ -30,9 +30,8 @@ def main() -> None:
     runs = {int(t): trun_from_progress(int(t), st["chunks_done"], st) for t, st in progress.items() if st["chunks_done"] > 0 and "mid_chunk" not in st}
     if not runs:
         raise SystemExit(f"{ck} holds no finished T yet")
-    config: dict = {}
-    for meta in ck.glob("T*_editor/editor.json"):
-        config = {"method": json.loads(meta.read_text())["config"]}
+    meta = next(ck.glob("T*_editor/editor.json"), None)
+    config = {"method": json.loads(meta.read_text())["config"]} if meta is not None else {}
     n = max(r.n_records for r in runs.values())
     res = SweepResult(dataset=a.dataset, method=a.method, n_records=n, config=config, runs=dict(sorted(runs.items())))
     res.to_json(a.out)

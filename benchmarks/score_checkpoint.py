@@ -14,12 +14,13 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import asdict
 
 import torch
 
-from microedit_lens import MicroEditor, load_model, load_sae, metrics
+from microedit_lens import MicroEditor, load_model, load_sae
 from microedit_lens.data import FORMATS, load_dataset
-from microedit_lens.lifelong import LifelongConfig, LifelongRunner
+from microedit_lens.lifelong import LifelongConfig, LifelongRunner, trun_from_progress
 
 
 def main() -> None:
@@ -43,12 +44,11 @@ def main() -> None:
     t = time.time()
     base = runner.baselines(recs, cfg.batch_size)
     sc = runner.score(recs, list(range(n)), base, cfg, [(r.success, r.seconds) for r in ed.results])
-    m = metrics.mean
-    out = dict(n_edits=n, reliability=m([s.reliability for s in sc]), generalization=m([s.generalization for s in sc]),
-               locality=m([s.locality for s in sc]), ppl=m([s.ppl for s in sc]), rel_generative=m([s.rel_generative for s in sc]),
-               edit_seconds_per_edit=m([r.seconds for r in ed.results]), success=m([float(r.success) for r in ed.results]),
-               score_seconds=time.time() - t, tau=ed.tau)
-    out["average"] = (out["reliability"] + out["generalization"] + out["locality"]) / 3
+    run = trun_from_progress(n, 1, {"scores": [asdict(s) for s in sc], "edit_s": sum(r.seconds for r in ed.results),
+                                    "score_s": time.time() - t, "wall_s": float("nan")})
+    out = dict(n_edits=n, reliability=run.reliability, generalization=run.generalization, locality=run.locality,
+               ppl=run.ppl, rel_generative=run.rel_generative, edit_seconds_per_edit=run.edit_seconds_per_edit,
+               success=run.edit_success, score_seconds=run.score_seconds_total, tau=ed.tau, average=run.summary()["average"])
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     logging.getLogger(__name__).info("%s", json.dumps(out))

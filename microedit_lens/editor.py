@@ -170,7 +170,7 @@ class SelectedAnchors:
     A: torch.Tensor  # sparse [n_sel, m]
     residual: Float[torch.Tensor, "n_sel d"]
     weight: Float[torch.Tensor, " n_sel"]
-    index: Int[torch.Tensor, " n_sel"] | None = None
+    index: Int[torch.Tensor, " n_sel"]
     """Their positions in the bank."""
 
     def loss(self, delta_rows: Float[torch.Tensor, "m d"]) -> torch.Tensor:
@@ -190,6 +190,9 @@ class CodeBank:
         self.d, self.k = d, k
         self._data: dict[str, list[torch.Tensor]] = {n: [] for n in ("idx", "vals", *self.fields)}
         self._group: list[int] = []
+        self._joined: dict[str, torch.Tensor] = {}
+        """Concatenations of ``_data`` fields, kept until the bank changes (every edit selects from
+        the whole bank, the reference bank never changes after calibration)."""
 
     def __len__(self) -> int:
         return len(self._group)
@@ -200,15 +203,26 @@ class CodeBank:
         for n in self.fields:
             self._data[n].append(extra[n])
         self._group.append(group)
+        self._joined.clear()
 
     def drop_groups_from(self, group: int) -> None:
         """Remove every group numbered ``>= group`` (used by rollback)."""
         keep = [i for i, g in enumerate(self._group) if g < group]
         self._data = {n: [lst[i] for i in keep] for n, lst in self._data.items()}
         self._group = [self._group[i] for i in keep]
+        self._joined.clear()
 
     def _cat(self, name: str) -> torch.Tensor:
-        return torch.cat(self._data[name])
+        if name not in self._joined:
+            self._joined[name] = torch.cat(self._data[name])
+        return self._joined[name]
+
+    def _group_of_positions(self) -> Int[torch.Tensor, " n"]:
+        """For every stored position, the index of its group in the bank."""
+        if "_group" not in self._joined:
+            sizes = torch.tensor([t.shape[0] for t in self._data["idx"]])
+            self._joined["_group"] = torch.arange(len(sizes)).repeat_interleave(sizes)
+        return self._joined["_group"]
 
     def _hits(self, rows: Int[torch.Tensor, " m"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Positions whose code uses any of ``rows`` (sorted): (their indices in the bank, idx, vals,
@@ -255,14 +269,14 @@ class AnchorBank(CodeBank):
 
     def scale_weights(self, factor: float) -> None:
         self._data["weight"] = [w * factor for w in self._data["weight"]]
+        self._joined.clear()
 
     @torch.no_grad()
     def select(self, rows: Int[torch.Tensor, " m"], W_dec: torch.Tensor, b_dec: torch.Tensor) -> SelectedAnchors:
         """The anchored positions that use any of ``rows`` (sorted), with their current residual."""
         m = rows.shape[0]
         if len(self) == 0:
-            return SelectedAnchors(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (0, m)),
-                                   torch.zeros(0, self.d), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+            return SelectedAnchors(_empty_sparse(m), torch.zeros(0, self.d), torch.zeros(0), torch.zeros(0, dtype=torch.long))
         sel, idx, vals, A = self._hits(rows)
         target, weight = self._cat("target")[sel], self._cat("weight")[sel]
         n_sel = len(sel)
@@ -310,14 +324,17 @@ class SensitivityBank(CodeBank):
     @torch.no_grad()
     def select(self, rows: Int[torch.Tensor, " m"]) -> SelectedSensitivities:
         if len(self) == 0:
-            return SelectedSensitivities(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (0, rows.shape[0])),
-                                         torch.zeros(0, self.d), torch.zeros(0, dtype=torch.long), 0)
+            return SelectedSensitivities(_empty_sparse(rows.shape[0]), torch.zeros(0, self.d), torch.zeros(0, dtype=torch.long), 0)
         sel, _, _, A = self._hits(rows)
-        group = torch.cat([torch.full((t.shape[0],), i) for i, t in enumerate(self._data["token"])])
-        key = group[sel] * 100_000 + self._cat("token")[sel]
-        _, constraint = torch.unique(key, return_inverse=True)
+        key = torch.stack([self._group_of_positions()[sel], self._cat("token")[sel]], dim=1)  # (edit, target token)
+        _, constraint = torch.unique(key, dim=0, return_inverse=True)
         n_c = int(constraint.max()) + 1 if len(sel) else 0
         return SelectedSensitivities(A, self._cat("grad")[sel].float(), constraint, n_c)
+
+
+def _empty_sparse(m: int) -> torch.Tensor:
+    """A sparse [0, m] matrix (no stored position selected)."""
+    return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (0, m))
 
 
 def batch_tokens(model: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -277,14 +277,11 @@ class LifelongRunner:
                 state["edit_s"] += res.seconds
                 bar.update(1)
                 since_save += 1
-                if j + 1 in prefixes and progress.get(str(j + 1), {}).get("chunks_done") != 1:
+                prefix_done = j + 1 in prefixes and progress.get(str(j + 1), {}).get("chunks_done") != 1
+                if prefix_done:
                     progress[str(j + 1)] = self._score_prefix(chunk[: j + 1], base, cfg, info, time.perf_counter() - t_wall)
-                    if ckpt is not None:  # the prefix's scores are kept even if the stream is interrupted
-                        self.editor.save(mid)
-                        state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
-                        _save_progress(ckpt, progress)
-                        since_save = 0
-                if ckpt is not None and since_save >= cfg.checkpoint_every and j + 1 < T_eff:
+                # a scored prefix is saved at once, so an interruption after it loses nothing
+                if ckpt is not None and (prefix_done or (since_save >= cfg.checkpoint_every and j + 1 < T_eff)):
                     self.editor.save(mid)
                     state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
                     _save_progress(ckpt, progress)

@@ -296,9 +296,8 @@ class MicroEditor(EditMethod):
 
     # ------------------------------------------------------------------ calibration / routing
     def _measure(self, texts: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Per batch of texts: (valid positions, codes idx, codes vals, reconstruction, clean activation,
-        ARD per text)
-        under the current decoder, with nothing attached."""
+        """Per batch of texts, under the current decoder and with nothing attached: (valid positions,
+        codes idx, codes vals, reconstruction, clean activation, ARD per text)."""
         for i in range(0, len(texts), batch_size):
             toks, mask = batch_tokens(self.model, texts[i : i + batch_size])
             z, vals, idx = self._clean_and_codes(toks)
@@ -527,7 +526,8 @@ class MicroEditor(EditMethod):
         everything is computed from ``P a_p`` and ``g_p . g_q``."""
         chosen = torch.zeros(0, dtype=torch.long)
         for _ in range(3):  # a correction can push other tokens down: re-check twice
-            c = sens.change(dR)
+            change = sens.change(dR)
+            c = change.clone()
             c[chosen] = 0.0
             worst = torch.argsort(c)[: self.cfg.keep_targets - len(chosen)]
             worst = worst[c[worst] < -1e-4]
@@ -543,10 +543,9 @@ class MicroEditor(EditMethod):
             At = A.to_dense().T.contiguous()  # [m, n]
             PA = torch.cholesky_solve(At, L) - X @ torch.linalg.solve(M, X.T @ At)  # P a_p  [m, n]
             K = E.T @ (torch.sparse.mm(A, PA) * (G.float() @ G.float().T).to(dR.dtype)) @ E
-            c_all = sens.change(dR)[chosen]
             evals, evecs = torch.linalg.eigh(K)
             keep = evals > 1e-10 * evals.abs().max()
-            lam = evecs[:, keep] @ ((evecs[:, keep].T @ -c_all) / evals[keep])
+            lam = evecs[:, keep] @ ((evecs[:, keep].T @ -change[chosen]) / evals[keep])
             dR = dR + PA @ ((E @ lam)[:, None] * G)
         return dR
 
