@@ -230,6 +230,8 @@ class LifelongRunner:
     # ---------------------------------------------------------------- protocol
     def run(self, records: Sequence[EditRequest], cfg: LifelongConfig, dataset_name: str = "") -> SweepResult:
         records = list(records)
+        if not records:
+            raise ValueError("no records to edit: the lifelong run needs at least one request")
         base = self.baselines(records, cfg.batch_size)
         ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         progress = _load_progress(ckpt)

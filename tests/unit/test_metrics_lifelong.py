@@ -161,3 +161,10 @@ def test_runner_detaches_when_calibration_fails(tiny_model, tiny_sae):
     with pytest.raises(ValueError):
         LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), ["x" * 10_000])
     assert not any(isinstance(m, SwitchedSAE) for m in tiny_model.modules())
+
+
+def test_runner_rejects_an_empty_record_list(tiny_model, tiny_sae):
+    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), REFS)
+    with pytest.raises(ValueError, match="no records"):
+        runner.run([], LifelongConfig(T=[1], generative=False))
+    runner.close()
