@@ -106,6 +106,8 @@ class MicroEditConfig:
     repair: bool = True
     """Projection only: also pull anchored reconstructions that earlier edits moved back towards
     their targets, within the rows this edit trains."""
+    repair_rate: float = 1.0
+    """``repair`` only: the share of that pull applied per edit (1 = solve for it in full)."""
     keep_targets: int = 512
     """Projection only: at most this many target tokens of earlier edits, those whose log-prob the
     row update would lower most to first order, are held exactly (a linear equality constraint
@@ -141,7 +143,7 @@ class MicroEditConfig:
             raise ValueError("stage1_max_steps must be >= 0 and stage2_max_steps >= 1")
         if not 0.0 < self.ard_margin <= 1.0:
             raise ValueError(f"ard_margin must be in (0, 1], got {self.ard_margin}")
-        for name in ("rec_weight", "edit_weight", "memory_weight", "reference_weight", "target_margin"):
+        for name in ("rec_weight", "edit_weight", "memory_weight", "reference_weight", "target_margin", "repair_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_latent_rate is not None and not 0.0 < self.max_latent_rate <= 1.0:
@@ -165,7 +167,7 @@ class MicroEditConfig:
         return cls(**{**_ADDED_LATER, **d})
 
 
-_ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False})
+_ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False, "repair_rate": 1.0})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
@@ -502,7 +504,7 @@ class MicroEditor(EditMethod):
             wA = A * (w * anc.weight.to(f8))[:, None]
             H += wA.T @ A
             if self.cfg.repair:
-                b += wA.T @ anc.residual.to(f8)
+                b += self.cfg.repair_rate * (wA.T @ anc.residual.to(f8))
         mu = self.cfg.ridge * float((Ae**2).sum(0).mean()) / max(Ae.shape[0], 1)
         H.diagonal().add_(mu)
         L = torch.linalg.cholesky(H)

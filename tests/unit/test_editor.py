@@ -208,17 +208,18 @@ def test_frequent_latents_can_be_frozen(tiny_model, tiny_sae, reference_texts):
 
 def test_config_validation():
     for bad in (dict(lr=0), dict(alpha=-1), dict(tau=0), dict(tau_quantile=1.5), dict(stage2_max_steps=0),
-                dict(ard_margin=0), dict(memory_weight=-1), dict(row_update="closed_form"), dict(ridge=0.0)):
+                dict(ard_margin=0), dict(memory_weight=-1), dict(row_update="closed_form"), dict(ridge=0.0),
+                dict(repair_rate=-0.1)):
         with pytest.raises(ValueError):
             MicroEditConfig(**bad)
 
 
 def test_configs_saved_before_a_field_existed_load_with_its_old_behaviour():
     d = MicroEditConfig().to_dict()
-    for name in ("keep_targets", "keep_positions", "track_tau"):
+    for name in ("keep_targets", "keep_positions", "track_tau", "repair_rate"):
         d.pop(name)
     old = MicroEditConfig.from_dict(d)
-    assert old.keep_targets == 0 and not old.track_tau
+    assert old.keep_targets == 0 and not old.track_tau and old.repair_rate == 1.0
     assert MicroEditConfig.from_dict(MicroEditConfig().to_dict()) == MicroEditConfig()
 
 
@@ -413,3 +414,20 @@ def test_logits_at_positions_match_full_logits(tiny_model):
         torch.testing.assert_close(site.logits_from(z, TOKS, fast=fast, positions=pos), full[:, pos], rtol=1e-2 if fast else 1e-5, atol=1e-2 if fast else 1e-5)
     site.start_layer = None
     torch.testing.assert_close(site.logits_from(z, TOKS, positions=pos), full[:, pos].float(), rtol=0.05, atol=0.05)
+
+
+def test_repair_rate_interpolates_between_no_repair_and_full_repair(tiny_model, tiny_sae, reference_texts):
+    """repair_rate 0 is exactly repair=False and 1 exactly the full repair; in between, the anchors'
+    summed drift after the edits lies between the two."""
+    W, drift = {}, {}
+    for name, kw in (("off", dict(repair=False)), ("0", dict(repair_rate=0.0)), ("half", dict(repair_rate=0.5)),
+                     ("1", dict(repair_rate=1.0)), ("full", dict())):
+        ed = make_editor(tiny_model, tiny_sae, reference_texts, keep_targets=0, **kw)
+        ed.edit(REQS)
+        W[name] = ed.sae.W_dec.detach().clone()
+        sel = ed.reference.select(torch.arange(ed.sae.cfg.d_sae), ed.sae.W_dec, ed.sae.b_dec)
+        drift[name] = (sel.residual.norm(dim=-1) ** 2 * sel.weight).sum().item()
+        ed.detach()
+    assert torch.equal(W["off"], W["0"]) and torch.equal(W["1"], W["full"])
+    assert not torch.equal(W["half"], W["full"])
+    assert drift["full"] <= drift["half"] * (1 + 1e-6) <= drift["off"] * (1 + 1e-6)

@@ -1,0 +1,70 @@
+"""How much do a few more edits damage recent ones in a crowded decoder? Load a saved mid-run editor
+(e.g. a lifelong run's checkpoint), make the next N edits of the same stream with config overrides,
+and measure the 100 edits before them and the N new ones: share in scope (ARD <= tau on prompt +
+target), median ARD, teacher-forced Reliability with the switch as is and forced on.
+
+    python benchmarks/probe_crowded.py CKPT/T5000_editor ../shared/data/counterfact/counterfact-edit.json \\
+        counterfact 40 --config '{"repair": false}' [--tau-quantile 0.05] [--before]
+
+Prints JSON lines. The saved editor is not modified (nothing is written back).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import torch
+
+from microedit_lens import load_model, load_sae, metrics
+from microedit_lens.data import load_dataset
+from microedit_lens.methods.microedit import MicroEditor
+from microedit_lens.switch import SwitchMode
+
+
+def measure(editor: MicroEditor, records, tag: str) -> dict:
+    P, Y = [r.prompt for r in records], [r.target for r in records]
+    routing = editor.route([p + " " + y for p, y in zip(P, Y)])
+    out = {"set": tag, "in_scope": routing.on.float().mean().item(), "ard_median": routing.ard.median().item()}
+    for mode in (SwitchMode.AUTO, SwitchMode.ALWAYS):
+        with editor.attached(), editor.switch.mode_as(mode):
+            out[f"rel_{mode.value}"] = metrics.mean(metrics.teacher_forced(editor.model, P, Y, 32, editor.padding).accuracy())
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("editor")
+    ap.add_argument("data")
+    ap.add_argument("format")
+    ap.add_argument("n", type=int)
+    ap.add_argument("--config", default="{}", help="MicroEditConfig overrides for the new edits (JSON)")
+    ap.add_argument("--tau-quantile", type=float, default=None, help="re-track tau at this reference quantile first")
+    ap.add_argument("--before", action="store_true", help="also measure the previous 100 edits before the new ones")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model, sae = load_model(), load_sae()
+    editor = MicroEditor.load(args.editor, model, sae=sae)
+    editor.cfg = dataclasses.replace(editor.cfg, **json.loads(args.config))
+    if args.tau_quantile is not None:
+        if editor._reference_error is None:
+            raise SystemExit("the saved editor has no reference errors (it was not calibrated with track_tau)")
+        editor._reference_error.quantile = args.tau_quantile
+        editor._retrack_tau()
+    n0 = editor.n_edits
+    records = load_dataset(args.data, args.format, limit=n0 + args.n).records
+    previous, new = records[max(0, n0 - 100):n0], records[n0:n0 + args.n]
+    print(json.dumps({"n_edits": n0, "tau": editor.tau, "overrides": json.loads(args.config), "tau_quantile": args.tau_quantile}), flush=True)
+    if args.before:
+        print(json.dumps(measure(editor, previous, "previous_before")), flush=True)
+    t = time.perf_counter()
+    results = editor.edit(new)
+    print(json.dumps({"s_per_edit": round((time.perf_counter() - t) / len(new), 2),
+                      "success": sum(r.success for r in results) / len(new), "tau_after": editor.tau}), flush=True)
+    print(json.dumps(measure(editor, previous, "previous_after")), flush=True)
+    print(json.dumps(measure(editor, new, "new")), flush=True)
+
+
+if __name__ == "__main__":
+    main()
