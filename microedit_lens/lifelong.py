@@ -236,7 +236,7 @@ class LifelongRunner:
         ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         progress = _load_progress(ckpt)
         single = sorted({min(t, len(records)) for t in cfg.T if len(records) // min(t, len(records)) == 1})
-        prefixes = single[:-1] if cfg.share_prefixes and records else []
+        prefixes = single[:-1] if cfg.share_prefixes else []
         runs: dict[int, TRun] = {}
         for T in cfg.T:
             if min(T, len(records)) not in prefixes:
