@@ -210,7 +210,8 @@ class LifelongRunner:
             gen = metrics.teacher_forced(self.model, [p for _, p in para], [records[i].target for i, _ in para], cfg.batch_size, pad)
             locs = [(i, p, a) for i, r in enumerate(records) for p, a in _locality_pairs(r)]
             loc = metrics.teacher_forced(self.model, [p for _, p, _ in locs], [a for _, _, a in locs], cfg.batch_size, pad)
-            em = (metrics.greedy_exact_match(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad)
+            em = (metrics.greedy_exact_match(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad,
+                                                  self.editor.prefix_logits_at)
                   if cfg.generative else [float("nan")] * len(records))
         gen_acc: list[list[float]] = [[] for _ in records]
         for (i, _), a in zip(para, gen.accuracy()):

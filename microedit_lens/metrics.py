@@ -128,6 +128,12 @@ def teacher_forced(
     return out
 
 
+PrefixLogits = Callable[[Int[torch.Tensor, "b s"], torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+"""``(tokens, pad_mask, rows, cols) -> logits [n, vocab]`` at positions ``(rows[i], cols[i])``, each as
+if its input ended at that position; ``None`` when the model cannot provide that in one pass (see
+:meth:`~microedit_lens.methods.base.EditMethod.prefix_logits_at`)."""
+
+
 @torch.no_grad()
 def greedy_exact_match(
     model: Any,
@@ -135,30 +141,69 @@ def greedy_exact_match(
     answers: Sequence[str],
     batch_size: int = 32,
     padding: PaddingContext = _no_padding,
+    prefix_logits: PrefixLogits | None = None,
+    stepwise_steps: int = 2,
 ) -> list[bool]:
-    """Greedy-decode ``len(answer_ids)`` tokens after each prompt (full recomputation per step, so the
-    switch sees the whole sequence each time) and compare with the answer ids. A sequence stops at its
-    first wrong token (its result is already decided), so a miss costs one step, not ``len(answer)``."""
+    """Does greedy decoding of ``len(answer_ids)`` tokens after each prompt give the answer ids?
+
+    Decoding steps are forward passes over the whole decoded sequence (full recomputation, so a switch
+    sees all of it), and a sequence stops at its first wrong token. Step ``i`` only matters when steps
+    ``0..i-1`` produced the answer's first ``i`` tokens, so its input is then ``prompt + answer[:i]``;
+    with ``prefix_logits`` (a switched editor: position ``p`` of a longer input may be routed otherwise
+    than the input cut after ``p``), the sequences still undecided after ``stepwise_steps`` steps (most
+    misses fail at the first token) are finished in one batched call that gives every remaining step."""
     pairs, pad_id = _encode_all(model, prompts, answers)
     result: list[bool] = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        seqs = [list(p) for p, _ in chunk]
-        ok = [True] * len(chunk)
-        for step in range(max(len(a) for _, a in chunk)):
-            active = [j for j, (_, a) in enumerate(chunk) if ok[j] and step < len(a)]
-            if not active:
-                break
-            toks, pad = _pad([seqs[j] for j in active], pad_id)
-            last = torch.tensor([len(seqs[j]) - 1 for j in active])
-            with padding(pad):
-                logits = logits_at(model, toks.to(model.cfg.device), torch.arange(len(active)).to(model.cfg.device), last.to(model.cfg.device))
-            for row, j in enumerate(active):
-                token = int(logits[row].argmax())
-                seqs[j].append(token)
-                ok[j] = token == chunk[j][1][step]
-        result.extend(ok)
+        ok = _exact_match_stepwise(model, chunk, pad_id, padding, stepwise_steps if prefix_logits is not None else None)
+        rest = [j for j, v in enumerate(ok) if v is None]
+        if rest and prefix_logits is not None:  # (only then can sequences be undecided)
+            fast = _exact_match_one_pass(model, [chunk[j] for j in rest], pad_id, prefix_logits)
+            if fast is None:
+                fast = _exact_match_stepwise(model, [chunk[j] for j in rest], pad_id, padding, None)
+            for j, v in zip(rest, fast):
+                ok[j] = v
+        result.extend(bool(v) for v in ok)
     return result
+
+
+def _exact_match_one_pass(model: Any, chunk: Sequence[tuple[list[int], list[int]]], pad_id: int, prefix_logits: PrefixLogits) -> list[bool] | None:
+    """Every step of every (non-empty) answer at once, from logits of the prompt+answer's prefixes."""
+    toks, pad = _pad([p + a for p, a in chunk], pad_id)
+    pos = [scored_positions(len(p), len(a)) for p, a in chunk]
+    rows = torch.cat([torch.full((len(q),), r) for r, q in enumerate(pos)])
+    dev = model.cfg.device
+    logits = prefix_logits(toks.to(dev), pad.to(dev), rows.to(dev), torch.cat(pos).to(dev))
+    if logits is None:
+        return None
+    hits = logits.argmax(-1).cpu().split([len(q) for q in pos])
+    return [bool((h == torch.tensor(a)).all()) for h, (_, a) in zip(hits, chunk)]
+
+
+def _exact_match_stepwise(
+    model: Any, chunk: Sequence[tuple[list[int], list[int]]], pad_id: int, padding: PaddingContext, max_steps: int | None
+) -> list[bool | None]:
+    """Greedy decoding for at most ``max_steps`` steps; ``None`` for sequences not decided by then."""
+    seqs = [list(p) for p, _ in chunk]
+    ok: list[bool | None] = [True] * len(chunk)
+    for step in range(max(len(a) for _, a in chunk)):
+        active = [j for j, (_, a) in enumerate(chunk) if ok[j] and step < len(a)]
+        if not active:
+            break
+        if max_steps is not None and step >= max_steps:
+            for j in active:
+                ok[j] = None
+            break
+        toks, pad = _pad([seqs[j] for j in active], pad_id)
+        last = torch.tensor([len(seqs[j]) - 1 for j in active])
+        with padding(pad):
+            logits = logits_at(model, toks.to(model.cfg.device), torch.arange(len(active)).to(model.cfg.device), last.to(model.cfg.device))
+        for row, j in enumerate(active):
+            token = int(logits[row].argmax())
+            seqs[j].append(token)
+            ok[j] = token == chunk[j][1][step]
+    return ok
 
 
 def locality(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -> list[float]:

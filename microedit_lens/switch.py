@@ -58,6 +58,21 @@ def ard(
     return torch.where(n > 0, out, torch.full_like(out, float("inf")))
 
 
+def prefix_ard(
+    recon: Float[torch.Tensor, "batch pos d"],
+    z: Float[torch.Tensor, "batch pos d"],
+    valid: Bool[torch.Tensor, "batch pos"],
+    alpha: float,
+) -> Float[torch.Tensor, "batch pos"]:
+    """ARD of every prefix: entry ``[b, p]`` is :func:`ard` of input ``b`` cut after position ``p``
+    (+inf while the prefix has no valid position). The hook's activations are causal, so this is the
+    ARD the switch would compute on that shorter input."""
+    sq = (((recon.float() - z.float()) ** 2).sum(-1) * valid).cumsum(-1)
+    n = valid.cumsum(-1)
+    out = sq / (alpha * n.clamp(min=1))
+    return torch.where(n > 0, out, torch.full_like(out, float("inf")))
+
+
 def topk_codes(feats: Float[torch.Tensor, "... d_sae"], k: int) -> tuple[Float[torch.Tensor, "... k"], Int[torch.Tensor, "... k"]]:
     """Values and indices of a TopK SAE's (at most k) non-zero activations."""
     vals, idx = feats.topk(k, dim=-1, sorted=False)
@@ -101,6 +116,9 @@ class SwitchedSAE(nn.Module):
         self._captured_input: torch.Tensor | None = None
         self.last_ard: torch.Tensor | None = None
         self.last_on: torch.Tensor | None = None
+        self.record_prefix_ard = False
+        """When True, every forward also stores :func:`prefix_ard` in ``last_prefix_ard``."""
+        self.last_prefix_ard: torch.Tensor | None = None
 
     @property
     def sae(self) -> Any:
@@ -132,6 +150,16 @@ class SwitchedSAE(nn.Module):
         finally:
             self.mode = prev
 
+    @contextmanager
+    def recording_prefix_ard(self) -> Iterator[None]:
+        """Store the ARD of every prefix of the next forward passes' inputs (``last_prefix_ard``)."""
+        prev = self.record_prefix_ard
+        self.record_prefix_ard = True
+        try:
+            yield
+        finally:
+            self.record_prefix_ard = prev
+
     def reconstruct(self, z: Float[torch.Tensor, "batch pos d"]) -> Float[torch.Tensor, "batch pos d"]:
         """SAE reconstruction through the SAE's own hook points (input, acts_pre, acts_post, recons).
 
@@ -158,6 +186,8 @@ class SwitchedSAE(nn.Module):
         b, s = z.shape[:2]
         valid = valid_positions(b, s, self.skip_first, z.device, self._token_mask)
         dist = self.hook_switch_ard(ard(recon, z, valid, self.alpha))
+        if self.record_prefix_ard:
+            self.last_prefix_ard = prefix_ard(recon, z, valid, self.alpha).detach()
         if self.mode is SwitchMode.AUTO:
             on = dist <= self.tau
         else:

@@ -91,6 +91,13 @@ class EditMethod(abc.ABC):
         True = pad). Default: nothing to do."""
         yield
 
+    def prefix_logits_at(self, tokens: Any, pad_mask: Any, rows: Any, cols: Any) -> Any:
+        """Logits [n, vocab] at positions ``(rows[i], cols[i])`` of the right-padded ``tokens`` (pad_mask
+        True = pad), each equal to the output of the model with the method as it stands on the input
+        cut after that position, or ``None`` when the method cannot give that in one pass. Scoring
+        uses it to decode greedily without a forward pass per token. Default: ``None``."""
+        return None
+
     @abc.abstractmethod
     def save(self, path: str | Path) -> Path:
         """Persist the edited state (and what is needed to keep editing) to a folder."""

@@ -47,11 +47,12 @@ from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 
 from microedit_lens.editor import AnchorBank, EditSequence, HookSite, RowHistory, SelectedSensitivities, SensitivityBank, batch_tokens, tokenize_request
 from microedit_lens.methods.base import EditMethod, register_method
+from microedit_lens.metrics import logits_at
 from microedit_lens.sae import check_editable, editable_copy
 from microedit_lens.switch import SwitchedSAE, SwitchMode, ard, sparse_decode, topk_codes, valid_positions
 from microedit_lens.types import EditError, EditRequest, EditResult, NumericalEditError, StageStats
@@ -372,6 +373,29 @@ class MicroEditor(EditMethod):
     def padding(self, pad_mask: Any) -> Iterator[None]:
         with self.switch.bypass(pad_mask):
             yield
+
+    @torch.no_grad()
+    def prefix_logits_at(
+        self, tokens: Int[torch.Tensor, "b s"], pad_mask: Bool[torch.Tensor, "b s"], rows: Int[torch.Tensor, " n"], cols: Int[torch.Tensor, " n"]
+    ) -> Float[torch.Tensor, "n vocab"]:
+        """Logits as if every input ended at ``cols[i]``, in two passes: the per-input switch makes one
+        decision per input, so position ``p`` of a longer input may be routed otherwise than the input
+        cut after ``p``. Cut there, the decision is ``prefix ARD <= tau`` and the output is that of a
+        pass with the switch forced on or off (the model is causal once the decision is fixed); so run
+        both passes and take, per position, the one its prefix ARD picks (ARD from the forced-on pass:
+        the hook's input is the same in both). Follows the switch's own rule (``mode``, ``tau``), not
+        interventions on ``hook_switch_on``."""
+        if not self.is_attached or self.switch.mode is not SwitchMode.AUTO:  # one routing for every prefix
+            with self.padding(pad_mask):
+                return logits_at(self.model, tokens, rows, cols)
+        with self.padding(pad_mask), self.switch.recording_prefix_ard(), self.switch.mode_as(SwitchMode.ALWAYS):
+            on_logits = logits_at(self.model, tokens, rows, cols)
+            on = self.switch.last_prefix_ard[rows, cols] <= self.switch.tau
+        if bool(on.all()):
+            return on_logits
+        with self.padding(pad_mask), self.switch.mode_as(SwitchMode.NEVER):
+            off_logits = logits_at(self.model, tokens, rows, cols)
+        return torch.where(on[:, None], on_logits, off_logits)
 
     # ------------------------------------------------------------------ editing
     def edit(self, requests: EditRequest | Sequence[EditRequest]) -> list[EditResult]:

@@ -431,3 +431,57 @@ def test_repair_rate_interpolates_between_no_repair_and_full_repair(tiny_model, 
     assert torch.equal(W["off"], W["0"]) and torch.equal(W["1"], W["full"])
     assert not torch.equal(W["half"], W["full"])
     assert drift["full"] <= drift["half"] * (1 + 1e-6) <= drift["off"] * (1 + 1e-6)
+
+
+def test_prefix_logits_equal_runs_on_cut_inputs(tiny_model, tiny_sae, reference_texts):
+    """The switch decides per input, so position p of a long input is not the model on the input cut
+    after p; prefix_logits_at must give the latter (what greedy decoding sees), for every routing."""
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    ed.edit(REQS)
+    toks = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 3, 40, 1, 2, 60, 0, 0]])
+    pad = torch.tensor([[False] * 8, [False] * 6 + [True] * 2])
+    rows = torch.tensor([0] * 7 + [1] * 5)
+    cols = torch.tensor(list(range(1, 8)) + list(range(1, 6)))
+    with ed.switch.recording_prefix_ard(), ed.padding(pad):
+        tiny_model(toks)
+    pre = ed.switch.last_prefix_ard[rows, cols]
+    for tau in (float(pre.min()) / 2, float(pre.median()), float(pre.max()) * 2):  # none, some, all prefixes in scope
+        ed.tau = tau
+        got = ed.prefix_logits_at(toks, pad, rows, cols)
+        with ed.padding(pad):
+            naive = tiny_model(toks)[rows, cols]  # position p of the whole input
+        if tau == float(pre.median()):
+            assert not torch.allclose(got, naive, atol=1e-4)  # the case that needs two passes
+        for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+            want = tiny_model(toks[r : r + 1, : c + 1])[0, -1]
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+    assert ed.switch.mode.value == "auto" and not ed.switch.record_prefix_ard
+
+
+def test_one_pass_exact_match_equals_stepwise_decoding(tiny_model, tiny_sae, reference_texts):
+    from microedit_lens import metrics
+
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    ed.edit(REQS)
+    prompts = ["abc def ", "zzz yyy ", "qqq www ", "the cat ", "rain falls ", "hello ", "music ", "open the ", "light ", "a road "]
+    # the model's own greedy continuations (exact matches) and some that are not
+    # (trailing space: no joining space is added; continuations with pad/eos do not round-trip: dropped)
+    own = {}
+    with ed.attached():
+        for p in prompts:
+            ids = tiny_model.tokenizer(p).input_ids
+            for _ in range(4):
+                ids.append(int(tiny_model(torch.tensor([ids]))[0, -1].argmax()))
+            if tiny_model.tokenizer(tiny_model.tokenizer.decode(ids[-4:])).input_ids == ids[-4:]:
+                own[p] = tiny_model.tokenizer.decode(ids[-4:])
+    answers = list(own.values()) + ["xyz", "hhh", "ok", "mat", "time"]
+    prompts = list(own) + prompts[:5]
+    med = ed.route([p + " " + a for p, a in zip(prompts, answers)]).ard.median()
+    for tau in (float(med), 1e9):
+        ed.tau = tau
+        with ed.attached():
+            step = metrics.greedy_exact_match(tiny_model, prompts, answers, 4, ed.padding)
+            for steps in (0, 2):
+                fast = metrics.greedy_exact_match(tiny_model, prompts, answers, 4, ed.padding, ed.prefix_logits_at, steps)
+                assert fast == step
+        assert any(step) and not all(step)

@@ -75,3 +75,28 @@ def test_reconstruct_matches_saelens_with_and_without_code_hooks(tiny_sae):
     feats = tiny_sae.encode(z)
     feats[..., 0] = 0.0
     torch.testing.assert_close(out, tiny_sae.decode(feats), rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_ard_is_the_ard_of_each_cut_input():
+    torch.manual_seed(0)
+    z, recon = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    from microedit_lens.switch import prefix_ard
+
+    pre = prefix_ard(recon, z, valid_positions(2, 6, 1, z.device, pad), alpha=3.0)
+    assert torch.isinf(pre[:, 0]).all()  # only position 0 so far: never in scope
+    for b, n in ((0, 6), (1, 4)):
+        for p in range(1, n):
+            cut = ard(recon[b : b + 1, : p + 1], z[b : b + 1, : p + 1], valid_positions(1, p + 1, 1, z.device), 3.0)
+            assert pre[b, p].item() == pytest.approx(cut.item(), rel=1e-6)
+
+
+def test_switch_records_prefix_ard_only_when_asked(tiny_sae):
+    sw = SwitchedSAE(tiny_sae, tau=1.0, alpha=1.0)
+    z = torch.randn(2, 5, 32)
+    sw(z)
+    assert sw.last_prefix_ard is None
+    with sw.recording_prefix_ard():
+        sw(z)
+    assert sw.last_prefix_ard.shape == (2, 5) and not sw.record_prefix_ard
+    torch.testing.assert_close(sw.last_prefix_ard[:, -1], sw.last_ard)
