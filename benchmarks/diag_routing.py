@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from microedit_lens import load_model, load_sae, metrics
+from microedit_lens import load_model, load_sae
 from microedit_lens.data import load_dataset, load_reference_texts
 from microedit_lens.methods.microedit import MicroEditConfig, MicroEditor
-from microedit_lens.switch import SwitchMode
+from _common import accuracy_by_mode
 
 
 def main(n: int, overrides: dict) -> dict:
@@ -35,10 +35,8 @@ def main(n: int, overrides: dict) -> dict:
     Q, L = [r.paraphrases[0] for r in recs], [r.locality_prompts[0] for r in recs]
     for name, texts in (("prompt", P), ("para", Q), ("loc", L)):
         out[f"in_scope_{name}"] = ed.route(texts).on.float().mean().item()
-    for mode in (SwitchMode.AUTO, SwitchMode.ALWAYS):
-        with ed.attached(), ed.switch.mode_as(mode):
-            out[f"rel_{mode.value}"] = metrics.mean(metrics.teacher_forced(model, P, Y, 32, ed.padding).accuracy())
-            out[f"gen_{mode.value}"] = metrics.mean(metrics.teacher_forced(model, Q, Y, 32, ed.padding).accuracy())
+    out.update(accuracy_by_mode(ed, P, Y, "rel"))
+    out.update(accuracy_by_mode(ed, Q, Y, "gen"))
     sets = {"para": Q, "loc": L, "ref": refs[:200]}
     post = {k: ed.route(v).ard for k, v in sets.items()}
     ed.rollback(0)

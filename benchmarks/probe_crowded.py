@@ -17,19 +17,17 @@ import time
 
 import torch
 
-from microedit_lens import load_model, load_sae, metrics
+from microedit_lens import load_model, load_sae
 from microedit_lens.data import load_dataset
 from microedit_lens.methods.microedit import MicroEditor
-from microedit_lens.switch import SwitchMode
+from _common import accuracy_by_mode
 
 
 def measure(editor: MicroEditor, records, tag: str) -> dict:
     P, Y = [r.prompt for r in records], [r.target for r in records]
     routing = editor.route([p + " " + y for p, y in zip(P, Y)])
     out = {"set": tag, "in_scope": routing.on.float().mean().item(), "ard_median": routing.ard.median().item()}
-    for mode in (SwitchMode.AUTO, SwitchMode.ALWAYS):
-        with editor.attached(), editor.switch.mode_as(mode):
-            out[f"rel_{mode.value}"] = metrics.mean(metrics.teacher_forced(editor.model, P, Y, 32, editor.padding).accuracy())
+    out.update(accuracy_by_mode(editor, P, Y, "rel"))
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -48,10 +46,7 @@ def main() -> None:
     editor = MicroEditor.load(args.editor, model, sae=sae)
     editor.cfg = dataclasses.replace(editor.cfg, **json.loads(args.config))
     if args.tau_quantile is not None:
-        if editor._reference_error is None:
-            raise SystemExit("the saved editor has no reference errors (it was not calibrated with track_tau)")
-        editor._reference_error.quantile = args.tau_quantile
-        editor._retrack_tau()
+        editor.retrack_tau(args.tau_quantile)
     n0 = editor.n_edits
     records = load_dataset(args.data, args.format, limit=n0 + args.n).records
     previous, new = records[max(0, n0 - 100):n0], records[n0:n0 + args.n]

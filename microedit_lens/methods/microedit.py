@@ -366,6 +366,19 @@ class MicroEditor(EditMethod):
         if self.cfg.track_tau and self.cfg.tau is None and self._reference_error is not None:
             self.tau = self._tracked_tau()
 
+    def retrack_tau(self, quantile: float | None = None) -> float:
+        """Set tau now to the ``quantile`` (default: the calibration's) quantile of the reference texts'
+        ARD under the current decoder, and keep that quantile for tracking (``track_tau``) and
+        :meth:`save`. Needs :meth:`calibrate` first. Returns the new tau."""
+        if self._reference_error is None:
+            raise ValueError("retrack_tau needs the reference errors of calibrate(reference_texts)")
+        if quantile is not None:
+            if not 0.0 < quantile < 1.0:
+                raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+            self._reference_error.quantile = quantile
+        self.tau = self._tracked_tau()
+        return self.tau
+
     def prepare(self, reference_texts: Sequence[str]) -> None:
         self.calibrate(reference_texts)
 

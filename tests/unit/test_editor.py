@@ -400,7 +400,15 @@ def test_tracked_tau_is_the_reference_quantile_under_the_current_decoder(tiny_mo
     assert ed2.tau == tau3
     ed2.undo()
     assert ed2.tau == pytest.approx(float(torch.quantile(ed2.route(reference_texts).ard, 0.5)), rel=1e-4)
+    # another quantile, now and for tracking from here on
+    assert ed2.retrack_tau(0.9) == pytest.approx(float(torch.quantile(ed2.route(reference_texts).ard, 0.9)), rel=1e-4)
+    ed2.undo()
+    assert ed2.tau == pytest.approx(float(torch.quantile(ed2.route(reference_texts).ard, 0.9)), rel=1e-4)
+    with pytest.raises(ValueError, match="quantile"):
+        ed2.retrack_tau(1.5)
     ed2.detach()
+    with pytest.raises(ValueError, match="calibrate"):
+        MicroEditor(tiny_model, tiny_sae, MicroEditConfig(**FAST, tau=1.0), attach=False).retrack_tau()
 
 
 def test_logits_at_positions_match_full_logits(tiny_model):
