@@ -578,14 +578,16 @@ class MicroEditor(EditMethod):
             G = sens.grad[pos].to(dR.dtype)  # [n, d]
             slot = torch.full((sens.n_constraints,), -1, dtype=torch.long)
             slot[chosen] = torch.arange(len(chosen))
-            E = torch.nn.functional.one_hot(slot[sens.constraint[pos]], len(chosen)).to(dR.dtype)  # [n, J]
+            seg = slot[sens.constraint[pos]]  # constraint of each position, 0..J-1
+            J = len(chosen)
             At = A.to_dense().T.contiguous()  # [m, n]
             PA = torch.cholesky_solve(At, L) - X @ torch.linalg.solve(M, X.T @ At)  # P a_p  [m, n]
-            K = E.T @ (torch.sparse.mm(A, PA) * (G.float() @ G.float().T).to(dR.dtype)) @ E
+            pair = torch.sparse.mm(A, PA) * (G.float() @ G.float().T).to(dR.dtype)  # <a_p g_p^T, P a_q g_q^T>  [n, n]
+            K = torch.zeros(J, J, dtype=dR.dtype).index_add_(1, seg, torch.zeros(J, len(seg), dtype=dR.dtype).index_add_(0, seg, pair))
             evals, evecs = torch.linalg.eigh(K)
             keep = evals > 1e-10 * evals.abs().max()
             lam = evecs[:, keep] @ ((evecs[:, keep].T @ -change[chosen]) / evals[keep])
-            dR = dR + PA @ ((E @ lam)[:, None] * G)
+            dR = dR + PA @ (lam[seg][:, None] * G)
         return dR
 
     def _edit_one(self, request: EditRequest, seq: EditSequence) -> EditResult:
