@@ -537,11 +537,13 @@ class MicroEditor(EditMethod):
         for w, anc in prob.anchors:
             if anc.residual.shape[0] == 0:
                 continue
-            A = anc.A.to_dense().to(f8)
-            wA = A * (w * anc.weight.to(f8))[:, None]
-            H += wA.T @ A
+            # A^T W A and A^T W r as sparse x dense products (a position's code uses few trained rows)
+            A = anc.A.to(f8).coalesce()
+            r_, c_ = A.indices()
+            wAt = torch.sparse_coo_tensor(torch.stack([c_, r_]), A.values() * (w * anc.weight.to(f8))[r_], (m, A.shape[0]))
+            H += torch.sparse.mm(wAt, A.to_dense())
             if self.cfg.repair:
-                b += self.cfg.repair_rate * (wA.T @ anc.residual.to(f8))
+                b += self.cfg.repair_rate * torch.sparse.mm(wAt, anc.residual.to(f8))
         mu = self.cfg.ridge * float((Ae**2).sum(0).mean()) / max(Ae.shape[0], 1)
         H.diagonal().add_(mu)
         L = torch.linalg.cholesky(H)
