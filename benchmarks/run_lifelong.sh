@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The lifelong benchmarks of docs/RESULTS.md (WISE protocol), on the embedded model and shipped SAE.
-# Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-sweep|zsre-small|hallucination|hallucination-sweep|hallucination-small|counterfact] [OUT_DIR]
+# Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-sweep|zsre-small|hallucination|hallucination-sweep|hallucination-T1|
+#        hallucination-T10|hallucination-T100|hallucination-table|hallucination-small|counterfact] [OUT_DIR]
 # zsre = the T=1000 stream; zsre-sweep = T=1,10,100 over the same 1000 records; counterfact = one 5000-edit
-# stream scored after edit 3000 (T=3000) and 5000 (T=5000). Every run checkpoints and resumes (same command).
+# stream scored after edit 3000 (T=3000) and 5000 (T=5000). hallucination-T1/T10/T100 are the sweep's T
+# values one per process (run two side by side on 2 cores, OMP_NUM_THREADS=1 each); hallucination-table
+# merges them with T=600 into one table. Every run checkpoints and resumes (same command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${MICROEDIT_DATA:-../shared/data}
@@ -23,6 +26,12 @@ case "${1:-zsre}" in
                      --checkpoint-dir "$OUT/ckpt_hallu" --out "$OUT/hallucination_T600.json" ;;
   hallucination-sweep) run --data "$D/hallucination/hallucination-edit.json" --limit 600 --T 1 10 100 --reference "$HALLU_REF" \
                      --checkpoint-dir "$OUT/ckpt_hallu_sweep" --out "$OUT/hallucination_T1_10_100.json" ;;
+  hallucination-T1|hallucination-T10|hallucination-T100)
+                 T=${1#hallucination-T}
+                 run --data "$D/hallucination/hallucination-edit.json" --limit 600 --T "$T" --reference "$HALLU_REF" \
+                     --checkpoint-dir "$OUT/ckpt_hallu_T$T" --out "$OUT/hallucination_T$T.json" ;;
+  hallucination-table) .venv/bin/python benchmarks/merge_results.py "$OUT/hallucination_T1_10_100_600.json" --ppl \
+                     "$OUT"/hallucination_T{1,10,100,600}.json ;;
   hallucination-small) run --data "$D/hallucination/hallucination-edit.json" --limit 100 --T 1 10 100 --reference "$HALLU_REF" \
                      --out "$OUT/hallucination_T1_10_100.json" ;;
   counterfact)   run --data "$D/counterfact/counterfact-edit.json" --limit 5000 --T 3000 5000 --reference "$CF_REF" \

@@ -124,6 +124,41 @@ class SweepResult:
         path.write_text(json.dumps(out, indent=1, default=_json_default))
         return path
 
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SweepResult":
+        """Read what :meth:`to_json` wrote (with its per-record scores)."""
+        path = Path(path)
+        d = json.loads(path.read_text())
+        if "records" not in d:
+            raise ValueError(f"{path}: no per-record scores (written with with_records=False); cannot rebuild the runs")
+        runs = {}
+        for t, summary in d["results"].items():
+            recs = [RecordScore(**{k: (float("nan") if v is None else v) for k, v in r.items()}) for r in d["records"][t]]
+            runs[int(t)] = trun_from_progress(int(t), summary["n_chunks"], {
+                "scores": [asdict(r) for r in recs], "edit_s": summary["edit_seconds_total"],
+                "score_s": summary["score_seconds_total"], "wall_s": summary["wall_seconds"]})
+        return cls(dataset=d["dataset"], method=d["method"], n_records=d["n_records"], config=d["config"], runs=runs, tau=d.get("tau"))
+
+    @classmethod
+    def merge(cls, results: Sequence["SweepResult"]) -> "SweepResult":
+        """One table from runs of the same method on the same data made separately (e.g. each T in its
+        own process). Each T keeps the config it ran with (``config["per_T"]``); a T may appear once."""
+        if not results:
+            raise ValueError("nothing to merge")
+        first = results[0]
+        runs: dict[int, TRun] = {}
+        for r in results:
+            if (r.method, r.dataset) != (first.method, first.dataset):
+                raise ValueError(f"cannot merge {r.method} on {r.dataset!r} with {first.method} on {first.dataset!r}")
+            for t, run in r.runs.items():
+                if t in runs:
+                    raise ValueError(f"T={t} appears in more than one result")
+                runs[t] = run
+        configs = {t: r.config for r in results for t in r.runs}
+        return cls(dataset=first.dataset, method=first.method, n_records=max(r.n_records for r in results),
+                   config={"per_T": {str(t): c for t, c in sorted(configs.items())}}, runs=dict(sorted(runs.items())),
+                   tau=None)
+
     def to_markdown(self, ppl: bool = False) -> str:
         """The paper's table layout: one row per method, a column group per T."""
         ts = sorted(self.runs)

@@ -540,7 +540,7 @@ class MicroEditor(EditMethod):
             # A^T W A and A^T W r as sparse x dense products (a position's code uses few trained rows)
             A = anc.A.to(f8).coalesce()
             r_, c_ = A.indices()
-            wAt = torch.sparse_coo_tensor(torch.stack([c_, r_]), A.values() * (w * anc.weight.to(f8))[r_], (m, A.shape[0]))
+            wAt = torch.sparse_coo_tensor(torch.stack([c_, r_]), A.values() * (w * anc.weight.to(f8))[r_], (m, A.shape[0]), check_invariants=False)
             H += torch.sparse.mm(wAt, A.to_dense())
             if self.cfg.repair:
                 b += self.cfg.repair_rate * torch.sparse.mm(wAt, anc.residual.to(f8))

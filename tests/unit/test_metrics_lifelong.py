@@ -168,3 +168,25 @@ def test_runner_rejects_an_empty_record_list(tiny_model, tiny_sae):
     with pytest.raises(ValueError, match="no records"):
         runner.run([], LifelongConfig(T=[1], generative=False))
     runner.close()
+
+
+def test_results_round_trip_through_json_and_merge(tiny_model, tiny_sae, tmp_path):
+    from microedit_lens.lifelong import SweepResult
+
+    recs = make_records(4)
+    kw = dict(method_config=MicroEditConfig(**CFG), reference_texts=REFS, dataset_name="toy")
+    a = run_lifelong(tiny_model, tiny_sae, recs, LifelongConfig(T=[1], generative=False), **kw)
+    b = run_lifelong(tiny_model, tiny_sae, recs, LifelongConfig(T=[2, 4], generative=False), **kw)
+    back = SweepResult.from_json(a.to_json(tmp_path / "a.json"))
+    assert back.runs[1].summary() == pytest.approx(a.runs[1].summary(), nan_ok=True)
+    from dataclasses import asdict
+
+    for x, y in zip(back.runs[1].records, a.runs[1].records, strict=True):
+        assert asdict(x) == pytest.approx(asdict(y), nan_ok=True)
+    merged = SweepResult.merge([back, SweepResult.from_json(b.to_json(tmp_path / "b.json"))])
+    assert sorted(merged.runs) == [1, 2, 4] and set(merged.config["per_T"]) == {"1", "2", "4"}
+    assert merged.to_markdown().count("|") > 3 * 4
+    with pytest.raises(ValueError, match="T=1"):
+        SweepResult.merge([back, back])
+    with pytest.raises(ValueError, match="no per-record"):
+        SweepResult.from_json(a.to_json(tmp_path / "c.json", with_records=False))
