@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from microedit_lens.lifelong import SweepResult
 
@@ -20,10 +19,7 @@ def main() -> None:
     ap.add_argument("--ppl", action="store_true", help="markdown in the hallucination layout (PPL, Loc)")
     a = ap.parse_args()
     merged = SweepResult.merge([SweepResult.from_json(p) for p in a.runs])
-    merged.to_json(a.out)
-    md = merged.to_markdown(ppl=a.ppl)
-    Path(a.out).with_suffix(".md").write_text(md)
-    sys.stdout.write(md)
+    sys.stdout.write(merged.write(a.out, ppl=a.ppl))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 while the rest of it is still running or was interrupted (e.g. CounterFact T=3000 of the 5000-edit
 stream):
 
-    python benchmarks/results_from_checkpoint.py CKPT_DIR OUT.json --dataset counterfact [--ppl]
+    python benchmarks/results_from_checkpoint.py CKPT_DIR OUT.json --dataset counterfact [--ppl] [--partial]
+
+With ``--partial`` a T whose run is still inside a chunk is reported over its finished chunks (e.g.
+T=100 after 5 of 6 chunks: the first 500 records), not left out.
 
 The method config is read from the run's mid-chunk editor (CKPT_DIR/T<T>_editor/editor.json) if present.
 """
@@ -24,20 +27,19 @@ def main() -> None:
     ap.add_argument("--dataset", default="")
     ap.add_argument("--method", default="microedit")
     ap.add_argument("--ppl", action="store_true", help="markdown in the hallucination layout (PPL, Loc)")
+    ap.add_argument("--partial", action="store_true", help="also report a T over its finished chunks while a chunk is in progress")
     a = ap.parse_args()
     ck = Path(a.checkpoint_dir)
     progress = json.loads((ck / "progress.json").read_text())
-    runs = {int(t): trun_from_progress(int(t), st["chunks_done"], st) for t, st in progress.items() if st["chunks_done"] > 0 and "mid_chunk" not in st}
+    runs = {int(t): trun_from_progress(int(t), st["chunks_done"], st) for t, st in progress.items()
+            if st["chunks_done"] > 0 and (a.partial or "mid_chunk" not in st)}
     if not runs:
         raise SystemExit(f"{ck} holds no finished T yet")
     meta = next(ck.glob("T*_editor/editor.json"), None)
     config = {"method": json.loads(meta.read_text())["config"]} if meta is not None else {}
     n = max(r.n_records for r in runs.values())
     res = SweepResult(dataset=a.dataset, method=a.method, n_records=n, config=config, runs=dict(sorted(runs.items())))
-    res.to_json(a.out)
-    md = res.to_markdown(ppl=a.ppl)
-    Path(a.out).with_suffix(".md").write_text(md)
-    sys.stdout.write(md)
+    sys.stdout.write(res.write(a.out, ppl=a.ppl))
 
 
 if __name__ == "__main__":

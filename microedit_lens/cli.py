@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 logger = logging.getLogger("microedit_lens.cli")
@@ -117,11 +116,7 @@ def _eval_args(p: argparse.ArgumentParser):
         model, sae = load_model(a.model), load_sae(a.sae)
         cfg = LifelongConfig(T=a.T, generative=not a.no_generative, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every)
         res = run_lifelong(model, sae, ds.records, cfg, a.method, _method_config(a), refs, dataset_name=str(a.data))
-        res.to_json(a.out)
-        has_paraphrases = any(r.paraphrases for r in ds.records)
-        md = res.to_markdown(ppl=not has_paraphrases)
-        Path(a.out).with_suffix(".md").write_text(md)
-        sys.stdout.write(md)
+        sys.stdout.write(res.write(a.out, ppl=not any(r.paraphrases for r in ds.records)))
         return 0
 
     return run

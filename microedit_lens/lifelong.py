@@ -124,6 +124,14 @@ class SweepResult:
         path.write_text(json.dumps(out, indent=1, default=_json_default))
         return path
 
+    def write(self, path: str | Path, ppl: bool = False) -> str:
+        """JSON (with per-record scores) at ``path`` and the markdown table next to it (``.md``);
+        returns the markdown."""
+        self.to_json(path)
+        md = self.to_markdown(ppl=ppl)
+        Path(path).with_suffix(".md").write_text(md)
+        return md
+
     @classmethod
     def from_json(cls, path: str | Path) -> "SweepResult":
         """Read what :meth:`to_json` wrote (with its per-record scores)."""

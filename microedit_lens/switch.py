@@ -52,10 +52,7 @@ def ard(
     """Average Reconstruction Distance per input: ``sum_s ||recon_s - z_s||^2 / (alpha * S)`` over the
     valid positions ``s`` (S = their count). Inputs with no valid position get ARD = +inf (never in
     scope)."""
-    sq = ((recon.float() - z.float()) ** 2).sum(-1) * valid
-    n = valid.sum(-1)
-    out = sq.sum(-1) / (alpha * n.clamp(min=1))
-    return torch.where(n > 0, out, torch.full_like(out, float("inf")))
+    return _average(_masked_sq_error(recon, z, valid).sum(-1), valid.sum(-1), alpha)
 
 
 def prefix_ard(
@@ -67,8 +64,14 @@ def prefix_ard(
     """ARD of every prefix: entry ``[b, p]`` is :func:`ard` of input ``b`` cut after position ``p``
     (+inf while the prefix has no valid position). The hook's activations are causal, so this is the
     ARD the switch would compute on that shorter input."""
-    sq = (((recon.float() - z.float()) ** 2).sum(-1) * valid).cumsum(-1)
-    n = valid.cumsum(-1)
+    return _average(_masked_sq_error(recon, z, valid).cumsum(-1), valid.cumsum(-1), alpha)
+
+
+def _masked_sq_error(recon: torch.Tensor, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return ((recon.float() - z.float()) ** 2).sum(-1) * valid
+
+
+def _average(sq: torch.Tensor, n: torch.Tensor, alpha: float) -> torch.Tensor:
     out = sq / (alpha * n.clamp(min=1))
     return torch.where(n > 0, out, torch.full_like(out, float("inf")))
 
