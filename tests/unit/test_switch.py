@@ -27,7 +27,7 @@ def test_switch_routes_per_input(tiny_sae):
     z = torch.randn(4, 5, 32)
     sw = SwitchedSAE(tiny_sae, tau=0.0, alpha=1.0)
     a = ard(sw.reconstruct(z), z, valid_positions(4, 5, 1, z.device), 1.0)
-    sw.tau = float(a.median())
+    sw.tau = float(a.median().detach())
     out = sw(z)
     on = a <= sw.tau
     assert torch.equal(sw.last_on, on)
