@@ -80,6 +80,10 @@ class MicroEditConfig:
     reference texts' ARD *under the current decoder* (edits raise unrelated inputs' ARD, so a tau fixed
     before the edits lets ever fewer inputs through; tracking keeps the share of reference text in
     scope at the quantile). Costs a sparse matmul over the stored reference codes per edit."""
+    track_tau_floor: bool = False
+    """``track_tau`` only: never track below the calibrated tau (follow unrelated inputs' ARD up, not
+    down). Without it, a decoder that the edits' repair makes reconstruct reference-like text *better*
+    lowers tau and drops earlier edits out of scope (docs/RESULTS.md, hallucination)."""
     stage1_max_steps: int = 30
     """Max Adam steps of stage 1 (distance regularisation). 0 disables stage 1."""
     stage2_max_steps: int = 60
@@ -168,7 +172,8 @@ class MicroEditConfig:
         return cls(**{**_ADDED_LATER, **d})
 
 
-_ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False, "repair_rate": 1.0})
+_ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False, "repair_rate": 1.0,
+                                                    "track_tau_floor": False})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
@@ -357,6 +362,12 @@ class MicroEditor(EditMethod):
         if rows.numel() and len(self.reference):
             sel = self.reference.select(rows, self.sae.W_dec, self.sae.b_dec)
             err[sel.index] += sel.residual
+        tau = self._reference_quantile(err)
+        return max(tau, self._reference_quantile(ref.error)) if self.cfg.track_tau_floor else tau
+
+    def _reference_quantile(self, err: Float[torch.Tensor, "n d"]) -> float:
+        ref = self._reference_error
+        assert ref is not None
         sq = torch.zeros(ref.n_texts, dtype=torch.float64).index_add_(0, ref.owner, (err.double() ** 2).sum(-1))
         n = torch.zeros(ref.n_texts, dtype=torch.float64).index_add_(0, ref.owner, torch.ones(len(ref.owner), dtype=torch.float64))
         a = sq[n > 0] / (self.cfg.alpha * n[n > 0])

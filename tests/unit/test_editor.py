@@ -411,6 +411,20 @@ def test_tracked_tau_is_the_reference_quantile_under_the_current_decoder(tiny_mo
         MicroEditor(tiny_model, tiny_sae, MicroEditConfig(**FAST, tau=1.0), attach=False).retrack_tau()
 
 
+def test_tracked_tau_floor_keeps_tau_at_or_above_the_calibrated_value(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=True, tau_quantile=0.5, track_tau_floor=True)
+    tau0 = ed.tau
+    ed.edit(REQS[:1])
+    # a decoder that reconstructs reference text better than at calibration would lower the tracked tau
+    unfloored = ed._reference_quantile(ed._reference_error.error * 0.5)
+    assert unfloored < tau0
+    monkeypatch.setattr(type(ed), "_reference_quantile", lambda self, err: unfloored if err is not self._reference_error.error else tau0)
+    assert ed.retrack_tau() == tau0  # floored
+    ed.cfg.track_tau_floor = False
+    assert ed.retrack_tau() == unfloored
+    ed.detach()
+
+
 def test_logits_at_positions_match_full_logits(tiny_model):
     from microedit_lens.editor import HookSite
 
