@@ -79,6 +79,14 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[torch.Tensor, 
     return toks, pad
 
 
+def _scored_batch(chunk: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Right-padded ``prompt + answer`` tokens, pad mask, scored positions per pair and their row ids."""
+    toks, pad = _pad([p + a for p, a in chunk], pad_id)
+    pos = [scored_positions(len(p), len(a)) for p, a in chunk]
+    rows = torch.cat([torch.full((len(q),), j) for j, q in enumerate(pos)])
+    return toks, pad, pos, rows
+
+
 def _encode_all(model: Any, prompts: Sequence[str], answers: Sequence[str]) -> tuple[list[tuple[list[int], list[int]]], int]:
     """Token ids of every (prompt, answer) pair and the padding id."""
     if len(prompts) != len(answers):
@@ -112,11 +120,9 @@ def teacher_forced(
     out = TeacherForced([], [], [])
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        toks, pad = _pad([p + a for p, a in chunk], pad_id)
+        toks, pad, pos, rows = _scored_batch(chunk, pad_id)
         if toks.shape[1] > model.cfg.n_ctx:
             raise ValueError(f"a scored sequence is {toks.shape[1]} tokens, longer than the context {model.cfg.n_ctx}")
-        pos = [scored_positions(len(p), len(a)) for p, a in chunk]
-        rows = torch.cat([torch.full((len(q),), j) for j, q in enumerate(pos)])
         with padding(pad):
             logits = logits_at(model, toks.to(model.cfg.device), rows.to(model.cfg.device), torch.cat(pos).to(model.cfg.device))
         lp = logits.float().log_softmax(-1).cpu().split([len(q) for q in pos])
@@ -170,9 +176,7 @@ def greedy_exact_match(
 
 def _exact_match_one_pass(model: Any, chunk: Sequence[tuple[list[int], list[int]]], pad_id: int, prefix_logits: PrefixLogits) -> list[bool] | None:
     """Every step of every (non-empty) answer at once, from logits of the prompt+answer's prefixes."""
-    toks, pad = _pad([p + a for p, a in chunk], pad_id)
-    pos = [scored_positions(len(p), len(a)) for p, a in chunk]
-    rows = torch.cat([torch.full((len(q),), r) for r, q in enumerate(pos)])
+    toks, pad, pos, rows = _scored_batch(chunk, pad_id)
     dev = model.cfg.device
     logits = prefix_logits(toks.to(dev), pad.to(dev), rows.to(dev), torch.cat(pos).to(dev))
     if logits is None:

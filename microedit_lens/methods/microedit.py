@@ -362,12 +362,10 @@ class MicroEditor(EditMethod):
         if rows.numel() and len(self.reference):
             sel = self.reference.select(rows, self.sae.W_dec, self.sae.b_dec)
             err[sel.index] += sel.residual
-        tau = self._reference_quantile(err)
-        return max(tau, self._reference_quantile(ref.error)) if self.cfg.track_tau_floor else tau
+        tau = self._reference_quantile(ref, err)
+        return max(tau, self._reference_quantile(ref, ref.error)) if self.cfg.track_tau_floor else tau
 
-    def _reference_quantile(self, err: Float[torch.Tensor, "n d"]) -> float:
-        ref = self._reference_error
-        assert ref is not None
+    def _reference_quantile(self, ref: "_ReferenceError", err: Float[torch.Tensor, "n d"]) -> float:
         sq = torch.zeros(ref.n_texts, dtype=torch.float64).index_add_(0, ref.owner, (err.double() ** 2).sum(-1))
         n = torch.zeros(ref.n_texts, dtype=torch.float64).index_add_(0, ref.owner, torch.ones(len(ref.owner), dtype=torch.float64))
         a = sq[n > 0] / (self.cfg.alpha * n[n > 0])

@@ -416,9 +416,9 @@ def test_tracked_tau_floor_keeps_tau_at_or_above_the_calibrated_value(tiny_model
     tau0 = ed.tau
     ed.edit(REQS[:1])
     # a decoder that reconstructs reference text better than at calibration would lower the tracked tau
-    unfloored = ed._reference_quantile(ed._reference_error.error * 0.5)
+    unfloored = ed._reference_quantile(ed._reference_error, ed._reference_error.error * 0.5)
     assert unfloored < tau0
-    monkeypatch.setattr(type(ed), "_reference_quantile", lambda self, err: unfloored if err is not self._reference_error.error else tau0)
+    monkeypatch.setattr(type(ed), "_reference_quantile", lambda self, ref, err: unfloored if err is not ref.error else tau0)
     assert ed.retrack_tau() == tau0  # floored
     ed.cfg.track_tau_floor = False
     assert ed.retrack_tau() == unfloored
