@@ -60,7 +60,7 @@ from microedit_lens.types import EditError, EditRequest, EditResult, NumericalEd
 logger = logging.getLogger(__name__)
 
 
-ROW_UPDATES = ("projected", "gradient")
+ROW_UPDATES = ("projected", "minimal", "gradient")
 
 
 @dataclass
@@ -104,7 +104,14 @@ class MicroEditConfig:
     paper's objective, Adam on the masked rows); the resulting change of the edit sequence's
     reconstruction is then realised by the row update that least disturbs the anchored
     reconstructions (an equality-constrained weighted least-squares solve over the masked rows).
-    ``"gradient"``: the anchors are added to the Adam loss of both stages."""
+    ``"minimal"``: no Adam; the least anchored change (the projection's metric) that makes the edit
+    itself succeed, by Gauss-Newton steps on linearised target log-probs with the edit's ARD as a
+    penalty (docs/METHOD.md). ``"gradient"``: the anchors are added to the Adam loss of both stages."""
+    minimal_steps: int = 10
+    """``row_update="minimal"`` only: at most this many linearised steps."""
+    minimal_step_nats: float = 4.0
+    """``row_update="minimal"`` only: the most a step asks any target log-prob to rise (stays near the
+    linear regime); the ask is the deficit to ``target_margin`` plus 0.5."""
     ridge: float = 0.1
     """Projection only: ridge on the row change, relative to the mean squared code of the edit's
     trainable latents (keeps rows no anchor uses from moving more than needed)."""
@@ -159,6 +166,8 @@ class MicroEditConfig:
             raise ValueError(f"row_update must be one of {ROW_UPDATES}, got {self.row_update!r}")
         if self.keep_targets < 0 or self.keep_positions < 1:
             raise ValueError(f"keep_targets must be >= 0 and keep_positions >= 1, got {self.keep_targets}, {self.keep_positions}")
+        if self.minimal_steps < 1 or not self.minimal_step_nats > 0:
+            raise ValueError(f"minimal_steps must be >= 1 and minimal_step_nats > 0, got {self.minimal_steps}, {self.minimal_step_nats}")
         if not self.ridge > 0:
             raise ValueError(f"ridge must be positive, got {self.ridge}")
 
@@ -173,7 +182,7 @@ class MicroEditConfig:
 
 
 _ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False, "repair_rate": 1.0,
-                                                    "track_tau_floor": False})
+                                                    "track_tau_floor": False, "minimal_steps": 10, "minimal_step_nats": 4.0})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
@@ -473,7 +482,7 @@ class MicroEditor(EditMethod):
 
     @property
     def _keeps_targets(self) -> bool:
-        return self.cfg.row_update == "projected" and self.cfg.keep_targets > 0
+        return self.cfg.row_update in ("projected", "minimal") and self.cfg.keep_targets > 0
 
     def _objective(self, prob: _EditProblem, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (z_hat [seq, d], ARD of the edit sequence, weighted anchor loss)."""
@@ -486,6 +495,11 @@ class MicroEditor(EditMethod):
 
     def _target_stats(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL of the target, min log-prob margin of target over the best other token)."""
+        tgt_lp, margin = self._token_margins(prob, z_hat, fast)
+        return -tgt_lp.mean(), margin.min()
+
+    def _token_margins(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per target token: (log-prob, log-prob margin over the best other token)."""
         resid = torch.where(prob.valid[None, :, None], z_hat[None].to(prob.z.dtype), prob.z)
         fast = fast and self.cfg.bf16_steps
         logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast, positions=prob.seq.target_positions)[0]
@@ -493,7 +507,7 @@ class MicroEditor(EditMethod):
         tgt = prob.seq.target_ids[:, None]
         tgt_lp = lp.gather(-1, tgt).squeeze(-1)
         other = lp.scatter(-1, tgt, float("-inf")).max(-1).values
-        return -tgt_lp.mean(), (tgt_lp - other).min()
+        return tgt_lp, tgt_lp - other
 
     def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor) -> Float[torch.Tensor, "n_target seq d"]:
         """Gradient of each target token's log-prob w.r.t. the reconstruction at every position (one
@@ -536,11 +550,27 @@ class MicroEditor(EditMethod):
         """Rows that give the edit sequence exactly the reconstruction ``R`` gives it, changing the
         anchored reconstructions least: minimise ``sum_anchors w ||r_p + A_p dR||^2 + mu ||dR||^2``
         subject to ``A_e dR = A_e (R - R0)`` (A_e: the edit's codes on the trained rows)."""
+        Ae = prob.A[prob.valid].to(torch.float64)
+        dR0 = R.to(torch.float64) - prob.R0.to(torch.float64)
+        D = Ae @ dR0
+        H, b = self._anchor_system(prob)
+        L = torch.linalg.cholesky(H)
+        X = torch.cholesky_solve(Ae.T.contiguous(), L)  # H^-1 A_e^T  [m, S]
+        y = torch.cholesky_solve(b, L)  # H^-1 b  [m, d]
+        M = Ae @ X
+        M.diagonal().add_(1e-10 * float(M.diagonal().mean()))
+        nu = torch.linalg.solve(M, D + Ae @ y)
+        dR = X @ nu - y
+        if prob.sensitivities is not None and prob.sensitivities.n_constraints:
+            dR = self._keep_targets(prob.sensitivities, dR, L, X, Ae, M)
+        return (prob.R0.to(torch.float64) + dR).to(R.dtype)
+
+    def _anchor_system(self, prob: _EditProblem) -> tuple[Float[torch.Tensor, "m m"], Float[torch.Tensor, "m d"]]:
+        """The anchors' quadratic in the row change: ``sum w ||r_p + A_p dR||^2 + mu ||dR||^2 =
+        <dR, H dR> + 2 <b, dR> + const`` (float64; ``b`` only with ``repair``, scaled by its rate)."""
         f8 = torch.float64
         Ae = prob.A[prob.valid].to(f8)
-        dR0 = R.to(f8) - prob.R0.to(f8)
-        D = Ae @ dR0
-        m, d = dR0.shape
+        m, d = prob.R0.shape
         H = torch.zeros(m, m, dtype=f8)
         b = torch.zeros(m, d, dtype=f8)
         for w, anc in prob.anchors:
@@ -555,16 +585,23 @@ class MicroEditor(EditMethod):
                 b += self.cfg.repair_rate * torch.sparse.mm(wAt, anc.residual.to(f8))
         mu = self.cfg.ridge * float((Ae**2).sum(0).mean()) / max(Ae.shape[0], 1)
         H.diagonal().add_(mu)
-        L = torch.linalg.cholesky(H)
-        X = torch.cholesky_solve(Ae.T.contiguous(), L)  # H^-1 A_e^T  [m, S]
-        y = torch.cholesky_solve(b, L)  # H^-1 b  [m, d]
-        M = Ae @ X
-        M.diagonal().add_(1e-10 * float(M.diagonal().mean()))
-        nu = torch.linalg.solve(M, D + Ae @ y)
-        dR = X @ nu - y
-        if prob.sensitivities is not None and prob.sensitivities.n_constraints:
-            dR = self._keep_targets(prob.sensitivities, dR, L, X, Ae, M)
-        return (prob.R0.to(f8) + dR).to(R.dtype)
+        return H, b
+
+    @staticmethod
+    def _solve_constraints(cons: SelectedSensitivities, P: Any, rhs: Float[torch.Tensor, " j"]) -> Float[torch.Tensor, "m d"]:
+        """The least correction ``sum_j lambda_j P C_j`` (metric ``P^-1``) whose first-order effect on
+        constraint ``j`` (``<C_j, .>``, ``C_j = sum_{p in j} a_p g_p^T``) is ``rhs_j``: ``K lambda = rhs``,
+        ``K_ij = <C_i, P C_j>``, from ``P a_p`` and ``g_p . g_q`` (``C_j`` is low rank)."""
+        A = cons.A.coalesce().to(torch.float64)  # sparse [n, m]
+        G = cons.grad.to(torch.float64)  # [n, d]
+        seg, J = cons.constraint, cons.n_constraints
+        PA = P(A.to_dense().T.contiguous())  # P a_p  [m, n]
+        pair = torch.sparse.mm(A, PA) * (G.float() @ G.float().T).double()  # <a_p g_p^T, P a_q g_q^T>  [n, n]
+        K = torch.zeros(J, J, dtype=torch.float64).index_add_(1, seg, torch.zeros(J, len(seg), dtype=torch.float64).index_add_(0, seg, pair))
+        evals, evecs = torch.linalg.eigh(K)
+        keep = evals > 1e-10 * evals.abs().max()
+        lam = evecs[:, keep] @ ((evecs[:, keep].T @ rhs.double()) / evals[keep])
+        return PA @ (lam[seg][:, None] * G)
 
     def _keep_targets(self, sens: SelectedSensitivities, dR: torch.Tensor, L: torch.Tensor, X: torch.Tensor, Ae: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
         """Add to the projected update the least (in the projection's metric) correction that zeroes
@@ -574,32 +611,99 @@ class MicroEditor(EditMethod):
         reconstruction), the correction is ``sum_j lambda_j P C_j`` with ``K lambda = -c``,
         ``K_ij = <C_i, P C_j>`` and ``c_j = <C_j, dR>``; ``C_j = sum_{p in j} a_p g_p^T`` is low rank, so
         everything is computed from ``P a_p`` and ``g_p . g_q``."""
+        def P(At: torch.Tensor) -> torch.Tensor:
+            return torch.cholesky_solve(At, L) - X @ torch.linalg.solve(M, X.T @ At)
+
         chosen = torch.zeros(0, dtype=torch.long)
         for _ in range(3):  # a correction can push other tokens down: re-check twice
-            change = sens.change(dR)
-            c = change.clone()
-            c[chosen] = 0.0
-            worst = torch.argsort(c)[: self.cfg.keep_targets - len(chosen)]
-            worst = worst[c[worst] < -1e-4]
-            if len(worst) == 0:
+            chosen, grew = self._more_threatened(sens, dR, chosen)
+            if not grew:
                 break
-            chosen = torch.cat([chosen, worst])
-            pos = torch.isin(sens.constraint, chosen).nonzero().squeeze(1)
-            A = sens.A.index_select(0, pos).coalesce().to(dR.dtype)  # sparse [n, m]
-            G = sens.grad[pos].to(dR.dtype)  # [n, d]
-            slot = torch.full((sens.n_constraints,), -1, dtype=torch.long)
-            slot[chosen] = torch.arange(len(chosen))
-            seg = slot[sens.constraint[pos]]  # constraint of each position, 0..J-1
-            J = len(chosen)
-            At = A.to_dense().T.contiguous()  # [m, n]
-            PA = torch.cholesky_solve(At, L) - X @ torch.linalg.solve(M, X.T @ At)  # P a_p  [m, n]
-            pair = torch.sparse.mm(A, PA) * (G.float() @ G.float().T).to(dR.dtype)  # <a_p g_p^T, P a_q g_q^T>  [n, n]
-            K = torch.zeros(J, J, dtype=dR.dtype).index_add_(1, seg, torch.zeros(J, len(seg), dtype=dR.dtype).index_add_(0, seg, pair))
-            evals, evecs = torch.linalg.eigh(K)
-            keep = evals > 1e-10 * evals.abs().max()
-            lam = evecs[:, keep] @ ((evecs[:, keep].T @ -change[chosen]) / evals[keep])
-            dR = dR + PA @ (lam[seg][:, None] * G)
+            dR = dR + self._solve_constraints(sens.subset(chosen), P, -sens.change(dR)[chosen])
         return dR
+
+    def _more_threatened(self, sens: SelectedSensitivities, dR: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``chosen`` plus the earlier target tokens (up to ``keep_targets`` in all) that ``dR`` lowers
+        most to first order (by more than 1e-4); and whether any was added."""
+        c = sens.change(dR)
+        c[chosen] = 0.0
+        worst = torch.argsort(c)[: self.cfg.keep_targets - len(chosen)]
+        worst = worst[c[worst] < -1e-4]
+        return torch.cat([chosen, worst]), len(worst) > 0
+
+    def _minimal_rows(self, prob: _EditProblem) -> tuple[torch.Tensor, StageStats]:
+        """``row_update="minimal"``: the least change of the trained rows, in the anchors' metric ``H``
+        (the projection's), that makes the edit succeed. Per step, with the target log-probs
+        linearised at the current rows (gradients ``g_{t,p}`` w.r.t. the reconstruction):
+
+        ``min <dR, H dR> + 2<b, dR> + lam ||e0 + A_e dR||^2  s.t.  <C_t, dR> = <C_t, dR_now> + ask_t``
+
+        (``e0`` the edit sequence's reconstruction error at the unedited rows, ``ask_t`` the deficit
+        of token t to ``target_margin`` plus 0.5, capped at ``minimal_step_nats``; ``lam`` doubled
+        until the edit's ARD is under 0.9 x ``ard_margin * tau``), plus ``keep_targets``' holds on
+        earlier target tokens. A step that does not lower the deficit is halved (twice at most).
+        Stops when every target token has its margin and the ARD is under the goal."""
+        t0 = time.perf_counter()
+        sys_ = _MinimalSystem.build(self, prob)
+        dR = torch.zeros_like(prob.R0, dtype=torch.float64)
+        lp, margin = self._margins_at(prob, dR)
+        first, n = -float(lp.mean()), 0
+        for n in range(1, self.cfg.minimal_steps + 1):
+            merit = self._minimal_merit(margin, sys_.ard(dR), sys_.ard_goal)
+            if merit == 0.0:
+                n -= 1
+                break
+            new = self._minimal_step(prob, sys_, dR, margin)
+            tried = []
+            for shrink in (1.0, 0.5, 0.25):
+                cand = dR + shrink * (new - dR)
+                lp_c, margin_c = self._margins_at(prob, cand)
+                tried.append((self._minimal_merit(margin_c, sys_.ard(cand), sys_.ard_goal), shrink, cand, lp_c, margin_c))
+                if tried[-1][0] < merit:
+                    break
+            _, _, dR, lp, margin = min(tried, key=lambda t: (t[0], -t[1]))
+        return (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype), StageStats(steps=n, loss_start=first, loss_end=-float(lp.mean()), seconds=time.perf_counter() - t0)
+
+    def _margins_at(self, prob: _EditProblem, dR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        R = (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype)
+        with torch.no_grad():
+            return self._token_margins(prob, prob.z_fixed + prob.A @ R)
+
+    def _minimal_merit(self, margin: torch.Tensor, ard_now: float, ard_goal: float) -> float:
+        """How far the edit is from its stopping rule (0 = met)."""
+        return float((self.cfg.target_margin - margin).clamp_min(0).sum()) + max(ard_now - ard_goal, 0.0) / ard_goal
+
+    def _minimal_step(self, prob: _EditProblem, sys_: "_MinimalSystem", dR: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        """The next full linearised step of :meth:`_minimal_rows` (the total row change it proposes)."""
+        R = (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype)
+        g = self._target_gradients(prob, prob.z_fixed + prob.A @ R)[:, sys_.cols]  # [n_t, S, d]
+        n_t, S = g.shape[:2]
+        own = SelectedSensitivities(sys_.Ae.repeat(n_t, 1).to_sparse(), g.reshape(n_t * S, -1), torch.arange(n_t).repeat_interleave(S), n_t)
+        ask = (self.cfg.target_margin + 0.5 - margin.double()).clamp(0.0, self.cfg.minimal_step_nats)
+        want = own.change(dR) + ask
+        lam = sys_.lam0
+        for _ in range(40):
+            L = torch.linalg.cholesky(sys_.H + lam * sys_.AtA)
+
+            def P(At: torch.Tensor, L: torch.Tensor = L) -> torch.Tensor:
+                return torch.cholesky_solve(At, L)
+
+            u = -P(sys_.b + lam * sys_.Ate)
+            new = u + self._solve_constraints(own, P, want - own.change(u))
+            if sys_.ard(new) <= 0.9 * sys_.ard_goal:
+                break
+            lam *= 2.0
+        sens = prob.sensitivities
+        if sens is not None and sens.n_constraints:
+            chosen = torch.zeros(0, dtype=torch.long)
+            for _ in range(3):  # as in _keep_targets: a correction can push other tokens down
+                chosen, grew = self._more_threatened(sens, new, chosen)
+                if not grew:
+                    break
+                both = own.concat(sens.subset(chosen))
+                rhs = torch.cat([want, torch.zeros(len(chosen), dtype=torch.float64)]) - both.change(u)
+                new = u + self._solve_constraints(both, P, rhs)
+        return new
 
     def _edit_one(self, request: EditRequest, seq: EditSequence) -> EditResult:
         t0 = time.perf_counter()
@@ -612,8 +716,12 @@ class MicroEditor(EditMethod):
         with self.detached():
             # W_dec is written only after both stages finished with finite values, so an exception
             # in them leaves the decoder (and every earlier edit) exactly as it was
-            s1 = self._run_stage(prob, R, self.cfg.stage1_max_steps, with_edit=False) if self.cfg.stage1_max_steps else StageStats(0, float("nan"), float("nan"), 0.0)
-            s2 = self._run_stage(prob, R, self.cfg.stage2_max_steps, with_edit=True)
+            if self.cfg.row_update == "minimal":
+                s1 = StageStats(0, float("nan"), float("nan"), 0.0)
+                R, s2 = self._minimal_rows(prob)
+            else:
+                s1 = self._run_stage(prob, R, self.cfg.stage1_max_steps, with_edit=False) if self.cfg.stage1_max_steps else StageStats(0, float("nan"), float("nan"), 0.0)
+                s2 = self._run_stage(prob, R, self.cfg.stage2_max_steps, with_edit=True)
             if self.cfg.row_update == "projected":
                 R = self._project(prob, R.detach())
             with torch.no_grad():
@@ -728,6 +836,36 @@ class MicroEditor(EditMethod):
         if attach:
             editor.attach()
         return editor
+
+
+@dataclass
+class _MinimalSystem:
+    """The fixed quantities of one ``row_update="minimal"`` edit (float64)."""
+
+    Ae: Float[torch.Tensor, "S m"]
+    e0: Float[torch.Tensor, "S d"]
+    H: Float[torch.Tensor, "m m"]
+    b: Float[torch.Tensor, "m d"]
+    AtA: Float[torch.Tensor, "m m"]
+    Ate: Float[torch.Tensor, "m d"]
+    cols: Int[torch.Tensor, " S"]
+    norm: float
+    ard_goal: float
+    lam0: float
+
+    @classmethod
+    def build(cls, editor: "MicroEditor", prob: _EditProblem) -> "_MinimalSystem":
+        v = prob.valid
+        Ae = prob.A[v].to(torch.float64)
+        e0 = (prob.z_fixed[v] + prob.A[v] @ prob.R0 - prob.z[0, v]).to(torch.float64)
+        H, b = editor._anchor_system(prob)
+        AtA = Ae.T @ Ae
+        lam0 = 1e-5 * float(H.diagonal().sum() / AtA.diagonal().sum().clamp_min(1e-30))
+        return cls(Ae, e0, H, b, AtA, Ae.T @ e0, v.nonzero().squeeze(1), editor.cfg.alpha * int(v.sum()),
+                   editor.cfg.ard_margin * editor.switch.tau, lam0)
+
+    def ard(self, dR: Float[torch.Tensor, "m d"]) -> float:
+        return float(((self.e0 + self.Ae @ dR) ** 2).sum()) / self.norm
 
 
 @dataclass

@@ -269,7 +269,7 @@ def test_bf16_fast_path_close_to_fp32(tiny_model):
     assert site.fast_model() is site.fast_model()
 
 
-@pytest.mark.parametrize("row_update", ["projected", "gradient"])
+@pytest.mark.parametrize("row_update", ["projected", "minimal", "gradient"])
 def test_memory_anchor_protects_earlier_edits(tiny_model, tiny_sae, reference_texts, row_update):
     drift = {}
     for w in (0.0, 100.0):
@@ -357,6 +357,49 @@ def test_keep_targets_holds_earlier_targets_to_first_order(tiny_model, tiny_sae,
     ed.undo()
     assert len(ed.sensitivity) == 2
     ed.detach()
+
+
+def test_minimal_update_succeeds_on_masked_rows_and_undoes_bitwise(tiny_model, tiny_sae, reference_texts):
+    """row_update="minimal": every edit meets its stopping rule (target margin, ARD under the goal)
+    with changes on the edit's own rows only, and undo restores the decoder bitwise."""
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, row_update="minimal", target_margin=0.5, keep_targets=64)
+    before = ed.sae.W_dec.detach().clone()
+    res = ed.edit(REQS[0])[0]
+    assert res.success and res.stage1.steps == 0 and res.stage2.steps >= 1
+    assert res.ard_after <= ed.cfg.ard_margin * ed.tau + 1e-6
+    rows = ed.history.snapshots[0].rows
+    changed = (ed.sae.W_dec != before).any(-1).nonzero().squeeze(-1)
+    assert changed.numel() > 0 and set(changed.tolist()) <= set(rows.tolist())
+    after_first = ed.sae.W_dec.detach().clone()
+    assert all(r.success for r in ed.edit(REQS[1:]))
+    ed.rollback(1)
+    assert torch.equal(ed.sae.W_dec, after_first)
+    ed.undo()
+    assert torch.equal(ed.sae.W_dec, before)
+    ed.detach()
+
+
+def test_constraint_solve_meets_its_right_hand_side():
+    """_solve_constraints returns a correction whose first-order effect on each constraint is the
+    asked value; subset/concat renumber constraints consistently."""
+    from microedit_lens.editor import SelectedSensitivities
+
+    g = torch.Generator().manual_seed(0)
+    m, d, n = 12, 5, 9
+    A = (torch.rand(n, m, generator=g) * (torch.rand(n, m, generator=g) < 0.3)).double()
+    sens = SelectedSensitivities(A.to_sparse(), torch.randn(n, d, generator=g), torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4]), 5)
+    H = torch.randn(m, m, generator=g, dtype=torch.float64)
+    H = H @ H.T + torch.eye(m, dtype=torch.float64)
+    L = torch.linalg.cholesky(H)
+    chosen = torch.tensor([3, 0, 4])
+    sub = sens.subset(chosen)
+    dR = torch.randn(m, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(sub.change(dR), sens.change(dR)[chosen])
+    both = sub.concat(sens.subset(torch.tensor([1])))
+    torch.testing.assert_close(both.change(dR), sens.change(dR)[torch.tensor([3, 0, 4, 1])])
+    rhs = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
+    corr = MicroEditor._solve_constraints(both, lambda At: torch.cholesky_solve(At, L), rhs)
+    torch.testing.assert_close(both.change(corr), rhs, rtol=1e-6, atol=1e-6)
 
 
 def test_target_gradients_match_finite_differences(tiny_model, tiny_sae, reference_texts):
