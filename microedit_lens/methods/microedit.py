@@ -509,17 +509,18 @@ class MicroEditor(EditMethod):
         other = lp.scatter(-1, tgt, float("-inf")).max(-1).values
         return tgt_lp, tgt_lp - other
 
-    def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor) -> Float[torch.Tensor, "n_target seq d"]:
+    def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> Float[torch.Tensor, "n_target seq d"]:
         """Gradient of each target token's log-prob w.r.t. the reconstruction at every position (one
-        batched backward pass: copy ``t`` of the sequence carries token ``t``'s log-prob)."""
+        batched backward pass: copy ``t`` of the sequence carries token ``t``'s log-prob). ``fast``: in
+        the bf16 copy (``bf16_steps``)."""
         n_t = len(prob.seq.target_ids)
         zh = z_hat.detach()[None].repeat(n_t, 1, 1).requires_grad_(True)
         with torch.enable_grad(), self.detached():
             resid = torch.where(prob.valid[None, :, None], zh.to(prob.z.dtype), prob.z)
-            logits = self.site.logits_from(resid, prob.seq.tokens[None].repeat(n_t, 1), positions=prob.seq.target_positions)
-            lp = logits.float().log_softmax(-1)  # [n_t, n_t, vocab]
-            t = torch.arange(n_t)
-            lp[t, t, prob.seq.target_ids].sum().backward()
+            logits = self.site.logits_from(resid, prob.seq.tokens[None].repeat(n_t, 1), fast=fast and self.cfg.bf16_steps,
+                                           positions=prob.seq.target_positions[:, None])  # copy t: its own position
+            lp = logits[:, 0].float().log_softmax(-1)  # [n_t, vocab]
+            lp[torch.arange(n_t), prob.seq.target_ids].sum().backward()
         return zh.grad.detach().float()
 
     def _run_stage(self, prob: _EditProblem, R: torch.Tensor, steps: int, with_edit: bool) -> StageStats:
@@ -639,27 +640,33 @@ class MicroEditor(EditMethod):
         ``min <dR, H dR> + 2<b, dR> + lam ||e0 + A_e dR||^2  s.t.  <C_t, dR> = <C_t, dR_now> + ask_t``
 
         (``e0`` the edit sequence's reconstruction error at the unedited rows, ``ask_t`` the deficit
-        of token t to ``target_margin`` plus 0.5, capped at ``minimal_step_nats``; ``lam`` doubled
-        until the edit's ARD is under 0.9 x ``ard_margin * tau``), plus ``keep_targets``' holds on
+        of token t to ``target_margin`` plus 0.5, capped at ``minimal_step_nats``; ``lam`` doubled,
+        from a quarter of the previous step's, until the edit's ARD is under 0.9 x ``ard_margin * tau``), plus ``keep_targets``' holds on
         earlier target tokens. A step that does not lower the deficit is halved (twice at most).
-        Stops when every target token has its margin and the ARD is under the goal."""
+        Stops when every target token has its margin and the ARD is under the goal; the holds (the
+        costly part of a step) join from the step after the rule is first met, and the rule must then
+        be met again with them."""
         t0 = time.perf_counter()
         sys_ = _MinimalSystem.build(self, prob)
         dR = torch.zeros_like(prob.R0, dtype=torch.float64)
         lp, margin = self._margins_at(prob, dR)
         first, n = -float(lp.mean()), 0
+        can_hold = prob.sensitivities is not None and prob.sensitivities.n_constraints > 0
+        hold = False
         for n in range(1, self.cfg.minimal_steps + 1):
             merit = self._minimal_merit(margin, sys_.ard(dR), sys_.ard_goal)
             if merit == 0.0:
-                n -= 1
-                break
-            new = self._minimal_step(prob, sys_, dR, margin)
+                if hold or not can_hold:
+                    n -= 1
+                    break
+                hold = True  # met without the holds: from now on every step also holds earlier targets
+            new = self._minimal_step(prob, sys_, dR, margin, hold)
             tried = []
             for shrink in (1.0, 0.5, 0.25):
                 cand = dR + shrink * (new - dR)
                 lp_c, margin_c = self._margins_at(prob, cand)
                 tried.append((self._minimal_merit(margin_c, sys_.ard(cand), sys_.ard_goal), shrink, cand, lp_c, margin_c))
-                if tried[-1][0] < merit:
+                if tried[-1][0] < merit or tried[-1][0] == 0.0:
                     break
             _, _, dR, lp, margin = min(tried, key=lambda t: (t[0], -t[1]))
         return (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype), StageStats(steps=n, loss_start=first, loss_end=-float(lp.mean()), seconds=time.perf_counter() - t0)
@@ -673,15 +680,16 @@ class MicroEditor(EditMethod):
         """How far the edit is from its stopping rule (0 = met)."""
         return float((self.cfg.target_margin - margin).clamp_min(0).sum()) + max(ard_now - ard_goal, 0.0) / ard_goal
 
-    def _minimal_step(self, prob: _EditProblem, sys_: "_MinimalSystem", dR: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-        """The next full linearised step of :meth:`_minimal_rows` (the total row change it proposes)."""
+    def _minimal_step(self, prob: _EditProblem, sys_: "_MinimalSystem", dR: torch.Tensor, margin: torch.Tensor, hold: bool) -> torch.Tensor:
+        """The next full linearised step of :meth:`_minimal_rows` (the total row change it proposes);
+        ``hold``: with ``keep_targets``' holds on earlier target tokens."""
         R = (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype)
-        g = self._target_gradients(prob, prob.z_fixed + prob.A @ R)[:, sys_.cols]  # [n_t, S, d]
+        g = self._target_gradients(prob, prob.z_fixed + prob.A @ R, fast=True)[:, sys_.cols]  # [n_t, S, d]
         n_t, S = g.shape[:2]
         own = SelectedSensitivities(sys_.Ae.repeat(n_t, 1).to_sparse(), g.reshape(n_t * S, -1), torch.arange(n_t).repeat_interleave(S), n_t)
         ask = (self.cfg.target_margin + 0.5 - margin.double()).clamp(0.0, self.cfg.minimal_step_nats)
         want = own.change(dR) + ask
-        lam = sys_.lam0
+        lam = sys_.lam / 4.0  # the last step's weight is usually close: start just below it
         for _ in range(40):
             L = torch.linalg.cholesky(sys_.H + lam * sys_.AtA)
 
@@ -693,8 +701,9 @@ class MicroEditor(EditMethod):
             if sys_.ard(new) <= 0.9 * sys_.ard_goal:
                 break
             lam *= 2.0
+        sys_.lam = lam
         sens = prob.sensitivities
-        if sens is not None and sens.n_constraints:
+        if hold and sens is not None and sens.n_constraints:
             chosen = torch.zeros(0, dtype=torch.long)
             for _ in range(3):  # as in _keep_targets: a correction can push other tokens down
                 chosen, grew = self._more_threatened(sens, new, chosen)
@@ -851,7 +860,8 @@ class _MinimalSystem:
     cols: Int[torch.Tensor, " S"]
     norm: float
     ard_goal: float
-    lam0: float
+    lam: float
+    """Weight of the ARD penalty (kept from step to step; raised as needed)."""
 
     @classmethod
     def build(cls, editor: "MicroEditor", prob: _EditProblem) -> "_MinimalSystem":
