@@ -320,12 +320,6 @@ class SelectedSensitivities:
         pos = (slot[self.constraint] >= 0).nonzero().squeeze(1)
         return SelectedSensitivities(self.A.index_select(0, pos).coalesce(), self.grad[pos], slot[self.constraint[pos]], len(chosen))
 
-    def concat(self, other: "SelectedSensitivities") -> "SelectedSensitivities":
-        """These constraints followed by ``other``'s (numbered after them)."""
-        A = torch.cat([self.A.coalesce().to(torch.float64), other.A.coalesce().to(torch.float64)]).coalesce()
-        return SelectedSensitivities(A, torch.cat([self.grad.float(), other.grad.float()]),
-                                     torch.cat([self.constraint, other.constraint + self.n_constraints]), self.n_constraints + other.n_constraints)
-
 
 class SensitivityBank(CodeBank):
     """Per earlier edit and target token: the gradient of the token's log-prob with respect to the

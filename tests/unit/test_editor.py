@@ -381,8 +381,10 @@ def test_minimal_update_succeeds_on_masked_rows_and_undoes_bitwise(tiny_model, t
 
 def test_constraint_solve_meets_its_right_hand_side():
     """_solve_constraints returns a correction whose first-order effect on each constraint is the
-    asked value; subset/concat renumber constraints consistently."""
+    asked value, for stored (held) constraints, the edit's own (shared atoms) and both together;
+    subset renumbers constraints in the order asked."""
     from microedit_lens.editor import SelectedSensitivities
+    from microedit_lens.methods.microedit import _Constraints
 
     g = torch.Generator().manual_seed(0)
     m, d, n = 12, 5, 9
@@ -392,12 +394,16 @@ def test_constraint_solve_meets_its_right_hand_side():
     H = H @ H.T + torch.eye(m, dtype=torch.float64)
     L = torch.linalg.cholesky(H)
     chosen = torch.tensor([3, 0, 4])
-    sub = sens.subset(chosen)
     dR = torch.randn(m, d, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(sub.change(dR), sens.change(dR)[chosen])
-    both = sub.concat(sens.subset(torch.tensor([1])))
-    torch.testing.assert_close(both.change(dR), sens.change(dR)[torch.tensor([3, 0, 4, 1])])
-    rhs = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
+    held = _Constraints.held(sens.subset(chosen))
+    torch.testing.assert_close(held.change(dR), sens.change(dR)[chosen])
+    Ae = torch.rand(4, m, generator=g, dtype=torch.float64)
+    grads = torch.randn(2, 4, d, generator=g)
+    own = _Constraints.own(Ae, grads)
+    torch.testing.assert_close(own.change(dR), torch.einsum("sm,md,tsd->t", Ae, dR, grads.double()))
+    both = own.concat(held)
+    torch.testing.assert_close(both.change(dR), torch.cat([own.change(dR), held.change(dR)]))
+    rhs = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.5], dtype=torch.float64)
     corr = MicroEditor._solve_constraints(both, lambda At: torch.cholesky_solve(At, L), rhs)
     torch.testing.assert_close(both.change(corr), rhs, rtol=1e-6, atol=1e-6)
 
