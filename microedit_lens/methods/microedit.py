@@ -655,6 +655,8 @@ class MicroEditor(EditMethod):
         hold = False
         for n in range(1, self.cfg.minimal_steps + 1):
             merit = self._minimal_merit(margin, sys_.ard(dR), sys_.ard_goal)
+            if not math.isfinite(merit):
+                raise NumericalEditError(f"non-finite target margin or ARD at step {n}; the edit was rolled back")
             if merit == 0.0:
                 if hold or not can_hold:
                     n -= 1
@@ -690,7 +692,9 @@ class MicroEditor(EditMethod):
         want = own.change(dR) + ask
         lam = sys_.lam / 4.0  # the last step's weight is usually close: start just below it
         for _ in range(40):
-            L = torch.linalg.cholesky(sys_.H + lam * sys_.AtA)
+            L, info = torch.linalg.cholesky_ex(sys_.H + lam * sys_.AtA)
+            if info.item() != 0:
+                raise NumericalEditError("the anchors' system is not positive definite (non-finite codes or anchors); the edit was rolled back")
 
             def P(At: torch.Tensor, L: torch.Tensor = L) -> torch.Tensor:
                 return torch.cholesky_solve(At, L)

@@ -379,6 +379,17 @@ def test_minimal_update_succeeds_on_masked_rows_and_undoes_bitwise(tiny_model, t
     ed.detach()
 
 
+def test_minimal_update_reports_non_finite_values_and_keeps_earlier_edits(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, row_update="minimal")
+    ed.edit(REQS[0])
+    W = ed.sae.W_dec.detach().clone()
+    monkeypatch.setattr(MicroEditor, "_token_margins", lambda self, prob, z_hat, fast=False: (torch.full((1,), float("nan")),) * 2)
+    with pytest.raises(NumericalEditError, match="non-finite"):
+        ed.edit(REQS[1])
+    assert ed.n_edits == 1 and torch.equal(ed.sae.W_dec, W)
+    ed.detach()
+
+
 def test_constraint_solve_meets_its_right_hand_side():
     """_solve_constraints returns a correction whose first-order effect on each constraint is the
     asked value, for stored (held) constraints, the edit's own (shared atoms) and both together;
