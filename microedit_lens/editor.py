@@ -94,14 +94,13 @@ class HookSite:
         resid: Float[torch.Tensor, "batch seq d"],
         tokens: Int[torch.Tensor, "batch seq"],
         fast: bool = False,
-        positions: Int[torch.Tensor, " n"] | Int[torch.Tensor, "batch n"] | None = None,
+        positions: Int[torch.Tensor, " n"] | None = None,
     ) -> Float[torch.Tensor, "batch n vocab"]:
         """Logits when the activation at the hook is ``resid`` (differentiable in ``resid``).
 
         ``fast``: run the layers after the hook in the bf16 copy (residual hooks only).
         ``positions``: only the logits at these positions (the unembedding of the other positions,
-        most of a short sequence's step, is skipped on the residual fast path); a 2-D tensor gives
-        each batch row its own positions."""
+        most of a short sequence's step, is skipped on the residual fast path)."""
         if self.start_layer is not None:
             m = self.fast_model() if fast else self.model
             x = resid.to(torch.bfloat16) if fast else resid
@@ -109,20 +108,13 @@ class HookSite:
                 return m(x, start_at_layer=self.start_layer).float()
             from microedit_lens.models import final_logits
 
-            return final_logits(m, _at(m(x, start_at_layer=self.start_layer, stop_at_layer=m.cfg.n_layers), positions)).float()
+            return final_logits(m, m(x, start_at_layer=self.start_layer, stop_at_layer=m.cfg.n_layers)[:, positions]).float()
 
         def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
             return resid.to(act.dtype)
 
         logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, replace)])
-        return logits if positions is None else _at(logits, positions)
-
-
-def _at(x: Float[torch.Tensor, "batch seq d"], positions: Int[torch.Tensor, " n"] | Int[torch.Tensor, "batch n"]) -> Float[torch.Tensor, "batch n d"]:
-    """``x`` at ``positions`` (the same for every row, or one row of positions per batch row)."""
-    if positions.dim() == 1:
-        return x[:, positions]
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], positions]
+        return logits if positions is None else logits[:, positions]
 
 
 @dataclass

@@ -564,7 +564,7 @@ class MicroEditor(EditMethod):
         dR = X @ nu - y
         if prob.sensitivities is not None and prob.sensitivities.n_constraints:
             dR = self._keep_targets(prob.sensitivities, dR, L, X, Ae, M)
-        return (prob.R0.to(torch.float64) + dR).to(R.dtype)
+        return _rows_after(prob, dR)
 
     def _anchor_system(self, prob: _EditProblem) -> tuple[Float[torch.Tensor, "m m"], Float[torch.Tensor, "m d"]]:
         """The anchors' quadratic in the row change: ``sum w ||r_p + A_p dR||^2 + mu ||dR||^2 =
@@ -671,12 +671,11 @@ class MicroEditor(EditMethod):
                 if tried[-1][0] < merit or tried[-1][0] == 0.0:
                     break
             _, _, dR, lp, margin = min(tried, key=lambda t: (t[0], -t[1]))
-        return (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype), StageStats(steps=n, loss_start=first, loss_end=-float(lp.mean()), seconds=time.perf_counter() - t0)
+        return _rows_after(prob, dR), StageStats(steps=n, loss_start=first, loss_end=-float(lp.mean()), seconds=time.perf_counter() - t0)
 
     def _margins_at(self, prob: _EditProblem, dR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        R = (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype)
         with torch.no_grad():
-            return self._token_margins(prob, prob.z_fixed + prob.A @ R)
+            return self._token_margins(prob, prob.z_fixed + prob.A @ _rows_after(prob, dR))
 
     def _minimal_merit(self, margin: torch.Tensor, ard_now: float, ard_goal: float) -> float:
         """How far the edit is from its stopping rule (0 = met)."""
@@ -685,8 +684,7 @@ class MicroEditor(EditMethod):
     def _minimal_step(self, prob: _EditProblem, sys_: "_MinimalSystem", dR: torch.Tensor, margin: torch.Tensor, hold: bool) -> torch.Tensor:
         """The next full linearised step of :meth:`_minimal_rows` (the total row change it proposes);
         ``hold``: with ``keep_targets``' holds on earlier target tokens."""
-        R = (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype)
-        g = self._target_gradients(prob, prob.z_fixed + prob.A @ R, fast=True)[:, sys_.cols]  # [n_t, S, d]
+        g = self._target_gradients(prob, prob.z_fixed + prob.A @ _rows_after(prob, dR), fast=True)[:, sys_.cols]  # [n_t, S, d]
         own = _Constraints.own(sys_.Ae, g)
         ask = (self.cfg.target_margin + 0.5 - margin.double()).clamp(0.0, self.cfg.minimal_step_nats)
         want = own.change(dR) + ask
@@ -848,6 +846,11 @@ class MicroEditor(EditMethod):
         if attach:
             editor.attach()
         return editor
+
+
+def _rows_after(prob: _EditProblem, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, "m d"]:
+    """The trained rows after a (float64) change ``dR``, in the decoder's dtype."""
+    return (prob.R0.to(torch.float64) + dR).to(prob.R0.dtype)
 
 
 @dataclass
