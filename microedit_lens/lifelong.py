@@ -16,14 +16,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from microedit_lens import metrics
 from microedit_lens.methods.base import EditMethod, get_method
-from microedit_lens.types import EditRequest
+from microedit_lens.types import EditRequest, NumericalEditError
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,16 @@ class RecordScore:
     rel_generative: float
     edit_success: bool
     edit_seconds: float
+    edit_error: str = ""
+    """Why the edit was not made (it raised a NumericalEditError and was rolled back); empty if it was."""
+
+
+class _EditInfo(NamedTuple):
+    """How one edit of a chunk went (stored in checkpoints as a JSON list)."""
+
+    success: bool
+    seconds: float
+    error: str = ""
 
 
 @dataclass
@@ -244,8 +254,10 @@ class LifelongRunner:
             loc[i].append(a)
         return _Baselines(loc)
 
-    def score(self, records: Sequence[EditRequest], offsets: Sequence[int], base: _Baselines, cfg: LifelongConfig, edit_info: Sequence[tuple[bool, float]]) -> list[RecordScore]:
-        """Score ``records`` (global indices ``offsets``) with the current edits attached."""
+    def score(self, records: Sequence[EditRequest], offsets: Sequence[int], base: _Baselines, cfg: LifelongConfig, edit_info: Sequence[tuple[Any, ...]]) -> list[RecordScore]:
+        """Score ``records`` (global indices ``offsets``) with the current edits attached;
+        ``edit_info``: (success, seconds[, error]) of each record's edit."""
+        edit_info = [_EditInfo(*x) for x in edit_info]
         pad = self.editor.padding
         with self.editor.attached():
             rel = metrics.teacher_forced(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad)
@@ -267,7 +279,7 @@ class LifelongRunner:
         return [
             RecordScore(index=offsets[i], reliability=rel_acc[i], generalization=metrics.mean(gen_acc[i]),
                         locality=metrics.mean(loc_acc[i]), ppl=ppl[i], rel_generative=float(em[i]),
-                        edit_success=edit_info[i][0], edit_seconds=edit_info[i][1])
+                        edit_success=edit_info[i].success, edit_seconds=edit_info[i].seconds, edit_error=edit_info[i].error)
             for i in range(len(records))
         ]
 
@@ -311,16 +323,15 @@ class LifelongRunner:
         for c in range(state["chunks_done"], n_chunks):
             chunk = records[c * T_eff : (c + 1) * T_eff]
             done = 0
-            info: list[tuple[bool, float]] = []
+            info: list[_EditInfo] = []
             if mid is not None and (mid / "editor.json").is_file() and state.get("mid_chunk") == c:
                 self._restore_editor(mid)
-                done = self.editor.n_edits
-                info = [tuple(x) for x in state.get("mid_info", [])]
+                info = [_EditInfo(*x) for x in state.get("mid_info", [])]
+                done = len(info)  # not n_edits: an edit that raised was rolled back but is part of the chunk
                 bar.update(done)
             for j in range(done, T_eff):
-                res = self.editor.edit(chunk[j])[0]
-                info.append((res.success, res.seconds))
-                state["edit_s"] += res.seconds
+                info.append(self._edit_or_report(chunk[j], c * T_eff + j))
+                state["edit_s"] += info[-1].seconds
                 bar.update(1)
                 since_save += 1
                 prefix_done = j + 1 in prefixes and progress.get(str(j + 1), {}).get("chunks_done") != 1
@@ -350,12 +361,24 @@ class LifelongRunner:
         state["wall_s"] = time.perf_counter() - t_wall
         return trun_from_progress(T, n_chunks, state)
 
-    def _score_prefix(self, chunk: list[EditRequest], base: _Baselines, cfg: LifelongConfig, info: list[tuple[bool, float]], wall_so_far: float) -> dict[str, Any]:
+    def _edit_or_report(self, request: EditRequest, index: int) -> _EditInfo:
+        """Make one edit of the stream. An edit that fails numerically was rolled back by the editor
+        (earlier edits kept); the run reports it (log, ``edit_error`` in the record's scores) and goes
+        on, scoring the record as not edited, instead of losing the whole stream."""
+        t0 = time.perf_counter()
+        try:
+            res = self.editor.edit(request)[0]
+        except NumericalEditError as exc:
+            logger.warning("record %d: the edit failed and was rolled back (%s); it is scored as not edited", index, exc)
+            return _EditInfo(False, time.perf_counter() - t0, str(exc))
+        return _EditInfo(res.success, res.seconds)
+
+    def _score_prefix(self, chunk: list[EditRequest], base: _Baselines, cfg: LifelongConfig, info: list[_EditInfo], wall_so_far: float) -> dict[str, Any]:
         """Progress state of the run made of the first ``len(chunk)`` edits of the current stream."""
         t0 = time.perf_counter()
         scores = self.score(chunk, list(range(len(chunk))), base, cfg, info)
         score_s = time.perf_counter() - t0
-        return {"chunks_done": 1, "scores": [asdict(s) for s in scores], "edit_s": sum(s for _, s in info),
+        return {"chunks_done": 1, "scores": [asdict(s) for s in scores], "edit_s": sum(i.seconds for i in info),
                 "score_s": score_s, "wall_s": wall_so_far + score_s}
 
     def _restore_editor(self, path: Path) -> None:

@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -641,7 +641,8 @@ class MicroEditor(EditMethod):
 
         (``e0`` the edit sequence's reconstruction error at the unedited rows, ``ask_t`` the deficit
         of token t to ``target_margin`` plus 0.5, capped at ``minimal_step_nats``; ``lam`` doubled,
-        from a quarter of the previous step's, until the edit's ARD is under 0.9 x ``ard_margin * tau``), plus ``keep_targets``' holds on
+        from a quarter of the previous step's, until the edit's ARD is under 0.9 x ``ard_margin * tau``;
+        where no weight gets there, the step asks for half), plus ``keep_targets``' holds on
         earlier target tokens. A step that does not lower the deficit is halved (twice at most).
         Stops when every target token has its margin and the ARD is under the goal; the holds (the
         costly part of a step) join from the step after the rule is first met, and the rule must then
@@ -687,22 +688,12 @@ class MicroEditor(EditMethod):
         g = self._target_gradients(prob, prob.z_fixed + prob.A @ _rows_after(prob, dR), fast=True)[:, sys_.cols]  # [n_t, S, d]
         own = _Constraints.own(sys_.Ae, g)
         ask = (self.cfg.target_margin + 0.5 - margin.double()).clamp(0.0, self.cfg.minimal_step_nats)
-        want = own.change(dR) + ask
-        lam = sys_.lam / 4.0  # the last step's weight is usually close: start just below it
-        for _ in range(40):
-            L, info = torch.linalg.cholesky_ex(sys_.H + lam * sys_.AtA)
-            if info.item() != 0:
-                raise NumericalEditError("the anchors' system is not positive definite (non-finite codes or anchors); the edit was rolled back")
-
-            def P(At: torch.Tensor, L: torch.Tensor = L) -> torch.Tensor:
-                return torch.cholesky_solve(At, L)
-
-            u = -P(sys_.b + lam * sys_.Ate)
-            new = u + self._solve_constraints(own, P, want - own.change(u))
-            if sys_.ard(new) <= 0.9 * sys_.ard_goal:
-                break
-            lam *= 2.0
-        sys_.lam = lam
+        start, best = sys_.lam / 4.0, None  # the last step's weight is usually close: start just below it
+        for halvings in range(6):
+            best, met = self._weigh_ard(sys_, own, dR, ask * 0.5**halvings, start, best)
+            if met:
+                break  # else the ARD goal is out of reach with this ask (the weight grew past what float64 resolves): ask for half
+        u, P, want, new, sys_.lam = best.u, best.P, best.want, best.new, best.lam
         sens = prob.sensitivities
         if hold and sens is not None and sens.n_constraints:
             chosen = torch.zeros(0, dtype=torch.long)
@@ -714,6 +705,28 @@ class MicroEditor(EditMethod):
                 rhs = torch.cat([want, torch.zeros(len(chosen), dtype=torch.float64)]) - both.change(u)
                 new = u + self._solve_constraints(both, P, rhs)
         return new
+
+    def _weigh_ard(self, sys_: "_MinimalSystem", own: "_Constraints", dR: torch.Tensor, ask: torch.Tensor, lam: float,
+                   best: "_WeighedStep | None") -> tuple["_WeighedStep", bool]:
+        """Double ``lam`` from ``lam`` until the step that raises the target log-probs by ``ask`` has
+        its ARD under 0.9 x the goal (``met``); returns the last solvable step (or ``best`` if none)."""
+        for _ in range(40):
+            L, info = torch.linalg.cholesky_ex(sys_.H + lam * sys_.AtA)
+            if info.item() != 0:
+                if best is None:
+                    raise NumericalEditError("the anchors' system is not positive definite (non-finite codes or anchors); the edit was rolled back")
+                return best, False
+
+            def P(At: torch.Tensor, L: torch.Tensor = L) -> torch.Tensor:
+                return torch.cholesky_solve(At, L)
+
+            want = own.change(dR) + ask
+            u = -P(sys_.b + lam * sys_.Ate)
+            best = _WeighedStep(u, P, want, u + self._solve_constraints(own, P, want - own.change(u)), lam)
+            if sys_.ard(best.new) <= 0.9 * sys_.ard_goal:
+                return best, True
+            lam *= 2.0
+        return best, False
 
     def _edit_one(self, request: EditRequest, seq: EditSequence) -> EditResult:
         t0 = time.perf_counter()
@@ -846,6 +859,17 @@ class MicroEditor(EditMethod):
         if attach:
             editor.attach()
         return editor
+
+
+class _WeighedStep(NamedTuple):
+    """One solve of :meth:`MicroEditor._weigh_ard`: the repair part ``u``, the solver ``P`` of the
+    weighted system, the asked constraint values, the total row change and the ARD weight used."""
+
+    u: torch.Tensor
+    P: Callable[[torch.Tensor], torch.Tensor]
+    want: torch.Tensor
+    new: torch.Tensor
+    lam: float
 
 
 def _rows_after(prob: _EditProblem, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, "m d"]:

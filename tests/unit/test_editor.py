@@ -390,6 +390,19 @@ def test_minimal_update_reports_non_finite_values_and_keeps_earlier_edits(tiny_m
     ed.detach()
 
 
+def test_minimal_update_asks_for_less_when_the_ard_goal_is_out_of_reach(tiny_model, tiny_sae, reference_texts):
+    """A step that asks for more than the ARD goal allows (here: 1e4 nats at once) makes the ARD weight
+    grow until float64 cannot resolve it; the step then asks for half instead of failing, and the
+    edit ends as a reported non-success with finite rows changed on its own rows only."""
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, row_update="minimal", target_margin=1e4, minimal_step_nats=1e4, minimal_steps=2)
+    before = ed.sae.W_dec.detach().clone()
+    res = ed.edit(REQS[0])[0]
+    assert not res.success and torch.isfinite(ed.sae.W_dec).all()
+    changed = (ed.sae.W_dec != before).any(-1).nonzero().squeeze(-1)
+    assert set(changed.tolist()) <= set(ed.history.snapshots[0].rows.tolist())
+    ed.detach()
+
+
 def test_constraint_solve_meets_its_right_hand_side():
     """_solve_constraints returns a correction whose first-order effect on each constraint is the
     asked value, for stored (held) constraints, the edit's own (shared atoms) and both together;

@@ -190,3 +190,53 @@ def test_results_round_trip_through_json_and_merge(tiny_model, tiny_sae, tmp_pat
         SweepResult.merge([back, back])
     with pytest.raises(ValueError, match="no per-record"):
         SweepResult.from_json(a.to_json(tmp_path / "c.json", with_records=False))
+
+
+def _failing_runner(model, sae, bad_prompt: str) -> LifelongRunner:
+    """A runner whose editor raises NumericalEditError (after rolling back) on ``bad_prompt``."""
+    from microedit_lens.types import NumericalEditError
+
+    runner = LifelongRunner(model, sae, "microedit", MicroEditConfig(**CFG), REFS)
+    real = runner.editor._edit_one
+
+    def edit_one(request, seq):
+        if request.prompt == bad_prompt:
+            raise NumericalEditError("loss became NaN (injected)")
+        return real(request, seq)
+
+    runner.editor._edit_one = edit_one
+    return runner
+
+
+def test_a_failed_edit_is_reported_and_the_stream_goes_on(tiny_model, tiny_sae, tmp_path):
+    recs = make_records(4)
+    runner = _failing_runner(tiny_model, tiny_sae, recs[1].prompt)
+    res = runner.run(recs, LifelongConfig(T=[4], generative=False))
+    assert runner.editor.n_edits == 0  # rolled back after scoring, as always
+    runner.close()
+    rows = res.runs[4].records
+    assert [r.index for r in rows] == [0, 1, 2, 3]
+    assert "NaN (injected)" in rows[1].edit_error and not rows[1].edit_success
+    assert all(r.edit_error == "" for r in rows if r.index != 1)
+    # the same stream, interrupted after the failed edit and resumed, gives the same numbers
+    ck = tmp_path / "ck"
+    cfg = LifelongConfig(T=[4], generative=False, checkpoint_dir=str(ck), checkpoint_every=1)
+    runner = _failing_runner(tiny_model, tiny_sae, recs[1].prompt)
+    real_edit = runner.editor.edit
+    calls = {"n": 0}
+
+    def flaky(req):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_edit(req)
+
+    runner.editor.edit = flaky
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(recs, cfg)
+    runner.close()
+    runner = _failing_runner(tiny_model, tiny_sae, recs[1].prompt)
+    resumed = runner.run(recs, cfg)
+    runner.close()
+    key = lambda r: (r.index, r.reliability, r.generalization, r.locality, r.ppl, r.edit_error)
+    assert [key(r) for r in resumed.runs[4].records] == [key(r) for r in rows]
