@@ -97,6 +97,8 @@ class TRun:
     score_seconds_total: float
     wall_seconds: float
     records: list[RecordScore]
+    edit_errors: int = 0
+    """Edits that raised (rolled back, scored as not edited): ``RecordScore.edit_error``."""
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -400,6 +402,7 @@ def trun_from_progress(T: int, n_chunks: int, state: dict[str, Any]) -> TRun:
         edit_success=m([float(r.edit_success) for r in recs]),
         edit_seconds_total=state["edit_s"], edit_seconds_per_edit=state["edit_s"] / max(len(recs), 1),
         score_seconds_total=state["score_s"], wall_seconds=state["wall_s"], records=recs,
+        edit_errors=sum(bool(r.edit_error) for r in recs),
     )
 
 

@@ -218,6 +218,7 @@ def test_a_failed_edit_is_reported_and_the_stream_goes_on(tiny_model, tiny_sae, 
     assert [r.index for r in rows] == [0, 1, 2, 3]
     assert "NaN (injected)" in rows[1].edit_error and not rows[1].edit_success
     assert all(r.edit_error == "" for r in rows if r.index != 1)
+    assert res.runs[4].edit_errors == 1 and res.runs[4].summary()["edit_errors"] == 1
     # the same stream, interrupted after the failed edit and resumed, gives the same numbers
     ck = tmp_path / "ck"
     cfg = LifelongConfig(T=[4], generative=False, checkpoint_dir=str(ck), checkpoint_every=1)
