@@ -299,6 +299,10 @@ class SelectedSensitivities:
     grad: Float[torch.Tensor, "n_sel d"]
     constraint: Int[torch.Tensor, " n_sel"]  # 0..n_constraints-1
     n_constraints: int
+    token: Int[torch.Tensor, " n_constraints"] | None = None
+    """With levels stored (``keep_floor``): each constraint's token number in the bank."""
+    level: Float[torch.Tensor, " n_constraints"] | None = None
+    """With levels stored: each constraint's estimated current log-odds (float64)."""
 
     def change(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " n_constraints"]:
         """First-order change of every selected target log-prob under ``dR``."""
@@ -310,23 +314,91 @@ class SelectedSensitivities:
         slot = torch.full((self.n_constraints,), -1, dtype=torch.long)
         slot[chosen] = torch.arange(len(chosen))
         pos = (slot[self.constraint] >= 0).nonzero().squeeze(1)
-        return SelectedSensitivities(self.A.index_select(0, pos).coalesce(), self.grad[pos], slot[self.constraint[pos]], len(chosen))
+        return SelectedSensitivities(self.A.index_select(0, pos).coalesce(), self.grad[pos], slot[self.constraint[pos]], len(chosen),
+                                     None if self.token is None else self.token[chosen], None if self.level is None else self.level[chosen])
 
 
 class SensitivityBank(CodeBank):
-    """Per earlier edit and target token: the gradient of the token's log-prob with respect to the
-    reconstruction at each of the edit's positions (with the code of the position)."""
+    """Per earlier edit and target token: the gradient of the token's log-prob (or log-odds, with
+    levels) with respect to the reconstruction at each of the edit's positions (with the code of
+    the position).
+
+    Optionally also the token's *level*: its log-odds when its edit was made, plus the first-order
+    change every later edit made to it (``add_drift``; exact to first order, since a stored
+    position's reconstruction moves only through the rows an edit trains)."""
 
     fields = ("grad", "token")
 
-    def add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, grad: Float[torch.Tensor, "n_target n d"], keep: int) -> None:
+    def __init__(self, d: int, k: int) -> None:
+        super().__init__(d, k)
+        self._levels: list[torch.Tensor] = []  # per group: log-odds of its tokens when made [n_t]
+        self._drift: list[tuple[torch.Tensor, torch.Tensor]] = []  # per group: (token numbers, change) it made
+
+    def add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, grad: Float[torch.Tensor, "n_target n d"], keep: int,
+            level: Float[torch.Tensor, " n_target"] | None = None) -> None:
         """One edit's positions (idx/vals [n, k]) and the gradients of its ``n_target`` token log-probs
-        w.r.t. them; per token only the ``keep`` positions with the largest gradient norm are kept."""
+        w.r.t. them; per token only the ``keep`` positions with the largest gradient norm are kept.
+        ``level``: the tokens' log-odds now (every group of a bank has one, or none does)."""
+        if len(self) and (level is not None) != self.has_levels:
+            raise ValueError("every edit of a sensitivity bank stores token levels or none does (keep_floor must be set "
+                             "from the first edit on)")
         n_t, n = grad.shape[:2]
         top = grad.norm(dim=-1).topk(min(keep, n), dim=1).indices.sort(dim=1).values  # [n_t, keep]
         pos = top.reshape(-1)
         self._add(group, idx[pos], vals[pos], grad=grad[torch.arange(n_t).repeat_interleave(top.shape[1]), pos].to(torch.bfloat16),
                   token=torch.arange(n_t).repeat_interleave(top.shape[1]))
+        if level is not None:
+            self._levels.append(level.detach().to(torch.float64).reshape(n_t).clone())
+            self._drift.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)))
+
+    @property
+    def has_levels(self) -> bool:
+        return len(self._levels) > 0 and len(self._levels) == len(self)
+
+    def add_drift(self, token: Int[torch.Tensor, " j"], change: Float[torch.Tensor, " j"]) -> None:
+        """Record the first-order log-odds change the newest edit made to earlier tokens (numbers as
+        in :class:`SelectedSensitivities`); call after that edit's own :meth:`add`, so that rolling
+        the edit back drops it."""
+        if not self.has_levels:
+            raise ValueError("this sensitivity bank stores no token levels")
+        self._drift[-1] = (torch.cat([self._drift[-1][0], token.long()]), torch.cat([self._drift[-1][1], change.double()]))
+        self._joined.pop("_level", None)
+
+    def levels(self) -> Float[torch.Tensor, " n_tokens"]:
+        """Estimated current log-odds of every stored token (level when made + later edits' drift)."""
+        if "_level" not in self._joined:
+            level = torch.cat(self._levels) if self._levels else torch.zeros(0, dtype=torch.float64)
+            for tok, change in self._drift:  # in edit order: bitwise the same after save/load or rollback
+                level = level.index_add(0, tok, change)
+            self._joined["_level"] = level
+        return self._joined["_level"]
+
+    def drop_groups_from(self, group: int) -> None:
+        keep = sum(1 for g in self._group if g < group)
+        super().drop_groups_from(group)
+        del self._levels[keep:]
+        del self._drift[keep:]
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = super().tensors(prefix)
+        if self.has_levels:
+            out[f"{prefix}.levels"] = torch.cat(self._levels)
+            out[f"{prefix}.level_sizes"] = torch.tensor([len(t) for t in self._levels])
+            out[f"{prefix}.drift_token"] = torch.cat([t for t, _ in self._drift])
+            out[f"{prefix}.drift_change"] = torch.cat([c for _, c in self._drift])
+            out[f"{prefix}.drift_sizes"] = torch.tensor([len(t) for t, _ in self._drift])
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, d: int, k: int) -> "SensitivityBank":
+        bank = super().from_tensors(tensors, prefix, d, k)
+        assert isinstance(bank, SensitivityBank)
+        if f"{prefix}.levels" in tensors:
+            bank._levels = [t.clone() for t in torch.split(tensors[f"{prefix}.levels"], tensors[f"{prefix}.level_sizes"].tolist())]
+            sizes = tensors[f"{prefix}.drift_sizes"].tolist()
+            bank._drift = [(t.clone(), c.clone()) for t, c in zip(torch.split(tensors[f"{prefix}.drift_token"], sizes),
+                                                                   torch.split(tensors[f"{prefix}.drift_change"], sizes))]
+        return bank
 
     @torch.no_grad()
     def select(self, rows: Int[torch.Tensor, " m"]) -> SelectedSensitivities:
@@ -334,9 +406,14 @@ class SensitivityBank(CodeBank):
             return SelectedSensitivities(_empty_sparse(rows.shape[0]), torch.zeros(0, self.d), torch.zeros(0, dtype=torch.long), 0)
         sel, _, _, A = self._hits(rows)
         key = torch.stack([self._group_of_positions()[sel], self._cat("token")[sel]], dim=1)  # (edit, target token)
-        _, constraint = torch.unique(key, dim=0, return_inverse=True)
+        ukey, constraint = torch.unique(key, dim=0, return_inverse=True)
         n_c = int(constraint.max()) + 1 if len(sel) else 0
-        return SelectedSensitivities(A, self._cat("grad")[sel].float(), constraint, n_c)
+        token = level = None
+        if self.has_levels:
+            first = torch.cumsum(torch.tensor([0] + [len(t) for t in self._levels[:-1]]), 0)
+            token = first[ukey[:, 0]] + ukey[:, 1]
+            level = self.levels()[token]
+        return SelectedSensitivities(A, self._cat("grad")[sel].float(), constraint, n_c, token, level)
 
 
 def _empty_sparse(m: int) -> torch.Tensor:

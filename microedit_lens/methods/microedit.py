@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 
 ROW_UPDATES = ("projected", "minimal", "gradient")
+FLOOR_REPAIR_NATS = 1.0
+"""``keep_floor``: the most one edit raises an earlier token's estimated log-odds back towards the floor."""
 
 
 @dataclass
@@ -127,6 +129,18 @@ class MicroEditConfig:
     each, from the gradient of the token's log-prob w.r.t. the reconstruction stored when its edit
     was made). 0 = off."""
     keep_positions: int = 4
+    refresh_every: int = 0
+    """keep_targets only: every this many edits, re-measure the stored sensitivities (and levels) of
+    every edit so far at the current decoder (one forward and backward pass per edit), so that
+    they are not stale and the levels' first-order drift does not accumulate. 0 = never."""
+    keep_floor: float | None = None
+    """keep_targets with a floor (log-odds, nats): instead of holding the earlier target tokens an
+    update would lower most at zero change, keep every earlier target token's *estimated log-odds*
+    (``log p/(1-p)`` when its edit was made, plus the first-order change of every later edit) at or
+    above this floor. Tokens an update would take below it are set to it by the constraint (so a
+    token that earlier edits already took below it is raised, by at most ``FLOOR_REPAIR_NATS`` per
+    edit); tokens that stay above it are free. The stored gradients are then those of the log-odds.
+    Must be set from an editor's first edit. ``None``: the zero-change holds."""
     """keep_targets only: per target token, the constraint uses the positions with the largest
     gradient (most of a token's sensitivity is at a few positions; cost grows with the square)."""
     max_latent_rate: float | None = None
@@ -169,6 +183,10 @@ class MicroEditConfig:
             raise ValueError(f"keep_targets must be >= 0 and keep_positions >= 1, got {self.keep_targets}, {self.keep_positions}")
         if self.minimal_steps < 1 or not self.minimal_step_nats > 0:
             raise ValueError(f"minimal_steps must be >= 1 and minimal_step_nats > 0, got {self.minimal_steps}, {self.minimal_step_nats}")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
+        if self.keep_floor is not None and not math.isfinite(self.keep_floor):
+            raise ValueError(f"keep_floor must be finite or None, got {self.keep_floor}")
         if not self.ridge > 0:
             raise ValueError(f"ridge must be positive, got {self.ridge}")
 
@@ -510,17 +528,26 @@ class MicroEditor(EditMethod):
         other = lp.scatter(-1, tgt, float("-inf")).max(-1).values
         return tgt_lp, tgt_lp - other
 
-    def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> Float[torch.Tensor, "n_target seq d"]:
-        """Gradient of each target token's log-prob w.r.t. the reconstruction at every position: one
-        forward pass and one batched backward pass (a vector-Jacobian product per token, vmapped).
-        ``fast``: in the bf16 copy (``bf16_steps``)."""
+    @torch.no_grad()
+    def _token_log_odds(self, prob: _EditProblem, z_hat: torch.Tensor) -> Float[torch.Tensor, " n_target"]:
+        """Each target token's log-odds ``log p / (1 - p)`` with ``z_hat`` substituted (full precision)."""
+        resid = torch.where(prob.valid[None, :, None], z_hat.detach()[None].to(prob.z.dtype), prob.z)
+        with self.detached():
+            logits = self.site.logits_from(resid, prob.seq.tokens[None], positions=prob.seq.target_positions)
+        return _log_odds(logits[0].float(), prob.seq.target_ids)
+
+    def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False, log_odds: bool = False) -> Float[torch.Tensor, "n_target seq d"]:
+        """Gradient of each target token's log-prob (``log_odds``: log-odds) w.r.t. the reconstruction
+        at every position: one forward pass and one batched backward pass (a vector-Jacobian product
+        per token, vmapped). ``fast``: in the bf16 copy (``bf16_steps``)."""
         n_t = len(prob.seq.target_ids)
         zh = z_hat.detach()[None].clone().requires_grad_(True)
         with torch.enable_grad(), self.detached():
             resid = torch.where(prob.valid[None, :, None], zh.to(prob.z.dtype), prob.z)
             logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast and self.cfg.bf16_steps, positions=prob.seq.target_positions)
-            lp = logits[0].float().log_softmax(-1)[torch.arange(n_t), prob.seq.target_ids]  # [n_t]
-            (grad,) = torch.autograd.grad(lp, zh, grad_outputs=torch.eye(n_t, dtype=lp.dtype), is_grads_batched=True)
+            score = _log_odds(logits[0].float(), prob.seq.target_ids) if log_odds else \
+                logits[0].float().log_softmax(-1)[torch.arange(n_t), prob.seq.target_ids]  # [n_t]
+            (grad,) = torch.autograd.grad(score, zh, grad_outputs=torch.eye(n_t, dtype=score.dtype), is_grads_batched=True)
         return grad[:, 0].detach().float()
 
     def _run_stage(self, prob: _EditProblem, R: torch.Tensor, steps: int, with_edit: bool) -> StageStats:
@@ -620,17 +647,33 @@ class MicroEditor(EditMethod):
             chosen, grew = self._more_threatened(sens, dR, chosen)
             if not grew:
                 break
-            dR = dR + self._solve_constraints(_Constraints.held(sens.subset(chosen)), P, -sens.change(dR)[chosen])
+            dR = dR + self._solve_constraints(_Constraints.held(sens.subset(chosen)), P, self._held_change(sens, chosen) - sens.change(dR)[chosen])
         return dR
 
     def _more_threatened(self, sens: SelectedSensitivities, dR: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``chosen`` plus the earlier target tokens (up to ``keep_targets`` in all) that ``dR`` lowers
         most to first order (by more than 1e-4); and whether any was added."""
         c = sens.change(dR)
+        if self.cfg.keep_floor is not None:
+            if sens.level is None:
+                raise ValueError("keep_floor needs token levels, stored only by edits made with keep_floor set")
+            after = sens.level + c  # estimated log-odds after dR
+            after[chosen] = math.inf
+            worst = torch.argsort(after)[: self.cfg.keep_targets - len(chosen)]
+            worst = worst[after[worst] < self.cfg.keep_floor]
+            return torch.cat([chosen, worst]), len(worst) > 0
         c[chosen] = 0.0
         worst = torch.argsort(c)[: self.cfg.keep_targets - len(chosen)]
         worst = worst[c[worst] < -1e-4]
         return torch.cat([chosen, worst]), len(worst) > 0
+
+    def _held_change(self, sens: SelectedSensitivities, chosen: torch.Tensor) -> Float[torch.Tensor, " j"]:
+        """What the update's first-order change of each chosen earlier token must be: 0 (a hold) or,
+        with ``keep_floor``, what takes its estimated log-odds to the floor (at most
+        ``FLOOR_REPAIR_NATS`` up)."""
+        if self.cfg.keep_floor is None:
+            return torch.zeros(len(chosen), dtype=torch.float64)
+        return (self.cfg.keep_floor - sens.level[chosen]).clamp(max=FLOOR_REPAIR_NATS)
 
     def _minimal_rows(self, prob: _EditProblem) -> tuple[torch.Tensor, StageStats]:
         """``row_update="minimal"``: the least change of the trained rows, in the anchors' metric ``H``
@@ -658,11 +701,14 @@ class MicroEditor(EditMethod):
             merit = self._minimal_merit(margin, sys_.ard(dR), sys_.ard_goal)
             if not math.isfinite(merit):
                 raise NumericalEditError(f"non-finite target margin or ARD at step {n}; the edit was rolled back")
-            if merit == 0.0:
-                if hold or not can_hold:
-                    n -= 1
-                    break
-                hold = True  # met without the holds: from now on every step also holds earlier targets
+            if merit == 0.0 and (hold or not can_hold):
+                n -= 1
+                break
+            if merit == 0.0 or n > self.cfg.minimal_steps - 3:
+                # met without the holds, or the budget's last three steps (an edit that meets the rule
+                # only then would otherwise keep rows that nothing held): from now on every step also
+                # holds earlier targets
+                hold = can_hold
             new = self._minimal_step(prob, sys_, dR, margin, hold)
             tried = []
             for shrink in (1.0, 0.5, 0.25):
@@ -702,7 +748,7 @@ class MicroEditor(EditMethod):
                 if not grew:
                     break
                 both = own.concat(_Constraints.held(sens.subset(chosen)))
-                rhs = torch.cat([want, torch.zeros(len(chosen), dtype=torch.float64)]) - both.change(u)
+                rhs = torch.cat([want, self._held_change(sens, chosen)]) - both.change(u)
                 new = u + self._solve_constraints(both, P, rhs)
         return new
 
@@ -761,7 +807,14 @@ class MicroEditor(EditMethod):
         v = prob.valid
         self.memory.add(index, prob.idx[v], prob.vals[v], z_hat[v].detach(), weight=1.0 / int(v.sum()))
         if self._keeps_targets:
-            self.sensitivity.add(index, prob.idx[v], prob.vals[v], self._target_gradients(prob, z_hat.detach())[:, v], self.cfg.keep_positions)
+            floor = self.cfg.keep_floor is not None
+            self.sensitivity.add(index, prob.idx[v], prob.vals[v], self._target_gradients(prob, z_hat.detach(), log_odds=floor)[:, v],
+                                 self.cfg.keep_positions, level=self._token_log_odds(prob, z_hat) if floor else None)
+            sens = prob.sensitivities
+            if floor and sens is not None and sens.n_constraints:
+                self.sensitivity.add_drift(sens.token, sens.change(R.detach().double() - prob.R0.double()))
+            if self.cfg.refresh_every and (index + 1) % self.cfg.refresh_every == 0:
+                self._rebuild_sensitivities([r.request for r in self.results] + [request])
         ard_after = rec.item()
         success = margin.item() > 0 and ard_after <= self.switch.tau
         return EditResult(
@@ -769,6 +822,31 @@ class MicroEditor(EditMethod):
             n_latents=int(prob.rows.numel()), ard_before=ard_before, ard_after=ard_after,
             target_logprob=-nll.item(), seconds=time.perf_counter() - t0,
         )
+
+    def refresh_sensitivities(self) -> None:
+        """Re-measure, at the current decoder, what ``keep_targets`` stores for every edit made so far:
+        the gradients of its target tokens (and with ``keep_floor`` their log-odds, with no drift).
+        Done every ``refresh_every`` edits; after a rollback past such a refresh the remaining
+        edits keep what it measured (with the later edits in place) until the next one."""
+        if self._keeps_targets:
+            self._rebuild_sensitivities([r.request for r in self.results])
+
+    def _rebuild_sensitivities(self, requests: Sequence[EditRequest]) -> None:
+        floor = self.cfg.keep_floor is not None
+        bank = SensitivityBank(self.sae.cfg.d_in, self.sae.cfg.k)
+        with torch.no_grad():
+            W, b = self.sae.W_dec.detach(), self.sae.b_dec.detach()
+        for i, request in enumerate(requests):
+            seq = tokenize_request(self.model, request)
+            z, vals, idx = self._clean_and_codes(seq.tokens[None])
+            valid = valid_positions(1, len(seq.tokens), self.cfg.skip_first, z.device)[0]
+            vals, idx = vals[0], idx[0]
+            z_hat = sparse_decode(vals, idx, W, b)
+            empty = torch.zeros(0, dtype=torch.long)
+            prob = _EditProblem(seq, z, valid, empty, torch.zeros(len(seq.tokens), 0), z_hat, torch.zeros(0, W.shape[1]), idx, vals)
+            bank.add(i, idx[valid], vals[valid], self._target_gradients(prob, z_hat, log_odds=floor)[:, valid], self.cfg.keep_positions,
+                     level=self._token_log_odds(prob, z_hat) if floor else None)
+        self.sensitivity = bank
 
     def rollback(self, n_edits: int) -> None:
         if not 0 <= n_edits <= self.n_edits:
@@ -870,6 +948,13 @@ class _WeighedStep(NamedTuple):
     want: torch.Tensor
     new: torch.Tensor
     lam: float
+
+
+def _log_odds(logits: Float[torch.Tensor, "n vocab"], target: Int[torch.Tensor, " n"]) -> Float[torch.Tensor, " n"]:
+    """``log p_t - log(1 - p_t)`` per row: the target logit minus the log-sum-exp of all others
+    (unlike the log-prob, its gradient does not vanish as the target becomes certain)."""
+    t = target[:, None]
+    return logits.gather(-1, t).squeeze(-1) - logits.scatter(-1, t, float("-inf")).logsumexp(-1)
 
 
 def _rows_after(prob: _EditProblem, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, "m d"]:

@@ -359,6 +359,70 @@ def test_keep_targets_holds_earlier_targets_to_first_order(tiny_model, tiny_sae,
     ed.detach()
 
 
+@pytest.mark.parametrize("row_update", ["projected", "minimal"])
+def test_keep_floor_tracks_levels_and_persists_bitwise(tiny_model, tiny_sae, reference_texts, tmp_path, row_update):
+    """keep_floor: every edit stores its target tokens' log-odds (levels) and the first-order change it
+    makes to earlier ones; no earlier token is taken below the floor (to first order, unless it was
+    already there), and rollback / save -> load keep
+    the bank bitwise, so later edits are the same."""
+    kw = dict(row_update=row_update, keep_floor=3.0, keep_targets=1000, target_margin=0.5)
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, **kw)
+    ed.edit(REQS[:2])
+    after2 = ed.sensitivity.levels().clone()
+    seen = {}
+    real = MicroEditor._problem
+
+    def spy(self, seq):
+        seen["prob"] = real(self, seq)
+        return seen["prob"]
+
+    ed._problem = spy.__get__(ed)
+    ed.edit(REQS[2])
+    del ed._problem
+    sens = seen["prob"].sensitivities
+    n_earlier = len(after2)
+    assert sens is not None and sens.level is not None and sens.token.max() < n_earlier
+    levels = ed.sensitivity.levels()
+    drift = levels[:n_earlier] - after2
+    assert drift.abs().sum() > 0 and len(levels) > n_earlier
+    # the new level of an earlier token is its old one plus the update's first-order change, and
+    # an update does not leave a token below the floor that was above it (to first order)
+    torch.testing.assert_close(levels[sens.token], sens.level + drift[sens.token])
+    assert ((after2[sens.token] < 3.0) | (levels[sens.token] >= 3.0 - 1e-3)).all()
+    path = ed.save(tmp_path / "ed")
+    with ed.detached():
+        loaded = MicroEditor.load(path, tiny_model, sae=make_tiny_sae(), attach=False)
+    assert torch.equal(loaded.sensitivity.levels(), levels)
+    ed.rollback(2)
+    assert torch.equal(ed.sensitivity.levels(), after2)
+    ed.edit(REQS[2])
+    assert torch.equal(ed.sensitivity.levels(), levels)
+    ed.detach()
+    with pytest.raises(ValueError, match="keep_floor"):
+        MicroEditConfig(keep_floor=float("nan"))
+
+
+def test_refresh_every_re_measures_the_sensitivities(tiny_model, tiny_sae, reference_texts):
+    """refresh_every=2: after the 2nd edit the bank holds, for both edits, the log-odds measured at
+    the current decoder (no drift left); after the 3rd only its own drift on top."""
+    from microedit_lens.editor import tokenize_request
+    from microedit_lens.methods.microedit import _log_odds
+
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, row_update="minimal", keep_floor=3.0, refresh_every=2, keep_targets=1000, target_margin=0.5)
+    ed.edit(REQS[:2])
+    assert len(ed.sensitivity) == 2 and all(len(t) == 0 for t, _ in ed.sensitivity._drift)
+    measured = []
+    for r in REQS[:2]:
+        seq = tokenize_request(ed.model, r)
+        with ed.attached(), ed.switch.mode_as("always"), torch.no_grad():
+            logits = ed.model(seq.tokens[None])[0, seq.target_positions]
+        measured.append(_log_odds(logits.float(), seq.target_ids))
+    torch.testing.assert_close(ed.sensitivity.levels().float(), torch.cat(measured), rtol=1e-3, atol=1e-3)
+    ed.edit(REQS[2])
+    assert len(ed.sensitivity) == 3
+    ed.detach()
+
+
 def test_minimal_update_succeeds_on_masked_rows_and_undoes_bitwise(tiny_model, tiny_sae, reference_texts):
     """row_update="minimal": every edit meets its stopping rule (target margin, ARD under the goal)
     with changes on the edit's own rows only, and undo restores the decoder bitwise."""
