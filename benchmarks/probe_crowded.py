@@ -4,7 +4,10 @@ and measure the 100 edits before them and the N new ones: share in scope (ARD <=
 target), median ARD, teacher-forced Reliability with the switch as is and forced on.
 
     python benchmarks/probe_crowded.py CKPT/T5000_editor ../shared/data/counterfact/counterfact-edit.json \\
-        counterfact 40 --config '{"repair": false}' [--tau-quantile 0.05] [--before]
+        counterfact 40 --config '{"repair": false}' [--tau-quantile 0.05] [--before] [--refresh]
+
+``--refresh`` re-measures the stored target sensitivities at the loaded decoder first (needed to
+switch an editor made without ``keep_floor`` to it: ``--config '{"keep_floor": 2.0}' --refresh``).
 
 Prints JSON lines. The saved editor is not modified (nothing is written back).
 """
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument("--config", default="{}", help="MicroEditConfig overrides for the new edits (JSON)")
     ap.add_argument("--tau-quantile", type=float, default=None, help="re-track tau at this reference quantile first")
     ap.add_argument("--before", action="store_true", help="also measure the previous 100 edits before the new ones")
+    ap.add_argument("--refresh", action="store_true", help="re-measure the stored target sensitivities first (refresh_sensitivities)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model, sae = load_model(), load_sae()
@@ -47,6 +51,10 @@ def main() -> None:
     editor.cfg = dataclasses.replace(editor.cfg, **json.loads(args.config))
     if args.tau_quantile is not None:
         editor.retrack_tau(args.tau_quantile)
+    if args.refresh:
+        t = time.perf_counter()
+        editor.refresh_sensitivities()
+        print(json.dumps({"refresh_s": round(time.perf_counter() - t, 1)}), flush=True)
     n0 = editor.n_edits
     records = load_dataset(args.data, args.format, limit=n0 + args.n).records
     previous, new = records[max(0, n0 - 100):n0], records[n0:n0 + args.n]
