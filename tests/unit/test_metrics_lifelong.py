@@ -94,9 +94,9 @@ def test_locality_baseline_is_pre_edit(tiny_model, tiny_sae):
     runner.close()
 
 
-def interrupted_run(model, sae, recs, cfg, after_edits: int) -> None:
+def interrupted_run(model, sae, recs, cfg, after_edits: int, runner: LifelongRunner | None = None) -> None:
     """Run the protocol and interrupt it (KeyboardInterrupt) when edit number ``after_edits + 1`` starts."""
-    runner = LifelongRunner(model, sae, "microedit", MicroEditConfig(**CFG), REFS)
+    runner = runner or LifelongRunner(model, sae, "microedit", MicroEditConfig(**CFG), REFS)
     calls = {"n": 0}
     real_edit = runner.editor.edit
 
@@ -222,20 +222,7 @@ def test_a_failed_edit_is_reported_and_the_stream_goes_on(tiny_model, tiny_sae, 
     # the same stream, interrupted after the failed edit and resumed, gives the same numbers
     ck = tmp_path / "ck"
     cfg = LifelongConfig(T=[4], generative=False, checkpoint_dir=str(ck), checkpoint_every=1)
-    runner = _failing_runner(tiny_model, tiny_sae, recs[1].prompt)
-    real_edit = runner.editor.edit
-    calls = {"n": 0}
-
-    def flaky(req):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_edit(req)
-
-    runner.editor.edit = flaky
-    with pytest.raises(KeyboardInterrupt):
-        runner.run(recs, cfg)
-    runner.close()
+    interrupted_run(tiny_model, tiny_sae, recs, cfg, after_edits=3, runner=_failing_runner(tiny_model, tiny_sae, recs[1].prompt))
     runner = _failing_runner(tiny_model, tiny_sae, recs[1].prompt)
     resumed = runner.run(recs, cfg)
     runner.close()
