@@ -201,7 +201,8 @@ class MicroEditConfig:
 
 
 _ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False, "repair_rate": 1.0,
-                                                    "track_tau_floor": False, "minimal_steps": 10, "minimal_step_nats": 4.0})
+                                                    "track_tau_floor": False, "minimal_steps": 10, "minimal_step_nats": 4.0,
+                                                    "keep_floor": None, "refresh_every": 0})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
