@@ -93,8 +93,9 @@ class MicroEditConfig:
     """Max Adam steps of stage 2 (reconstruction editing)."""
     ard_margin: float = 0.7
     """Stages stop only once ARD <= ard_margin * tau (headroom for later edits)."""
-    target_margin: float = 1.0
-    """Stage 2 stops only once each target token beats every other token by this log-prob margin."""
+    target_margin: float = 3.0
+    """Stage 2 stops only once each target token beats every other token by this log-prob margin
+    (3 since session 7, with the minimal update; 1 before)."""
     rec_weight: float = 1.0
     edit_weight: float = 1.0
     memory_weight: float = 1.0
@@ -102,14 +103,15 @@ class MicroEditConfig:
     reference_weight: float = 30.0
     """Weight of the anchor on reference-text reconstructions (0 = off). Reference tokens together
     weigh this much; every earlier edit's tokens together weigh ``memory_weight``."""
-    row_update: str = "projected"
+    row_update: str = "minimal"
     """How anchors shape the row update. ``"projected"``: both stages optimise the edit's own loss (the
     paper's objective, Adam on the masked rows); the resulting change of the edit sequence's
     reconstruction is then realised by the row update that least disturbs the anchored
     reconstructions (an equality-constrained weighted least-squares solve over the masked rows).
     ``"minimal"``: no Adam; the least anchored change (the projection's metric) that makes the edit
     itself succeed, by Gauss-Newton steps on linearised target log-probs with the edit's ARD as a
-    penalty (docs/METHOD.md). ``"gradient"``: the anchors are added to the Adam loss of both stages."""
+    penalty (docs/METHOD.md; the default since session 7). ``"gradient"``: the anchors are added to the
+    Adam loss of both stages."""
     minimal_steps: int = 10
     """``row_update="minimal"`` only: at most this many linearised steps."""
     minimal_step_nats: float = 4.0
@@ -133,14 +135,15 @@ class MicroEditConfig:
     """keep_targets only: every this many edits, re-measure the stored sensitivities (and levels) of
     every edit so far at the current decoder (one forward and backward pass per edit), so that
     they are not stale and the levels' first-order drift does not accumulate. 0 = never."""
-    keep_floor: float | None = None
+    keep_floor: float | None = 2.0
     """keep_targets with a floor (log-odds, nats): instead of holding the earlier target tokens an
     update would lower most at zero change, keep every earlier target token's *estimated log-odds*
     (``log p/(1-p)`` when its edit was made, plus the first-order change of every later edit) at or
     above this floor. Tokens an update would take below it are set to it by the constraint (so a
     token that earlier edits already took below it is raised, by at most ``FLOOR_REPAIR_NATS`` per
     edit); tokens that stay above it are free. The stored gradients are then those of the log-odds.
-    Must be set from an editor's first edit. ``None``: the zero-change holds."""
+    Must be set from an editor's first edit. ``None``: the zero-change holds (the default before
+    session 7; it is what works with ``row_update="projected"``, where the floor measured no gain)."""
     """keep_targets only: per target token, the constraint uses the positions with the largest
     gradient (most of a token's sensitivity is at a few positions; cost grows with the square)."""
     max_latent_rate: float | None = None
@@ -799,6 +802,8 @@ class MicroEditor(EditMethod):
                 nll, margin = self._target_stats(prob, z_hat)
         if not torch.isfinite(R).all():
             raise NumericalEditError("decoder rows became non-finite; the edit was rolled back")
+        if not (torch.isfinite(nll) and torch.isfinite(margin)):
+            raise NumericalEditError("the edited target's log-prob is not finite; the edit was rolled back")
         if self.cfg.keep_history:
             self.history.record(self.sae.W_dec, prob.rows)
         with torch.no_grad():
