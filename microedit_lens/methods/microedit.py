@@ -131,6 +131,8 @@ class MicroEditConfig:
     each, from the gradient of the token's log-prob w.r.t. the reconstruction stored when its edit
     was made). 0 = off."""
     keep_positions: int = 4
+    """keep_targets only: per target token, the constraint uses the positions with the largest
+    gradient (most of a token's sensitivity is at a few positions; cost grows with the square)."""
     refresh_every: int = 0
     """keep_targets only: every this many edits, re-measure the stored sensitivities (and levels) of
     every edit so far at the current decoder (one forward and backward pass per edit), so that
@@ -144,8 +146,6 @@ class MicroEditConfig:
     edit); tokens that stay above it are free. The stored gradients are then those of the log-odds.
     Must be set from an editor's first edit. ``None``: the zero-change holds (the default before
     session 7; it is what works with ``row_update="projected"``, where the floor measured no gain)."""
-    """keep_targets only: per target token, the constraint uses the positions with the largest
-    gradient (most of a token's sensitivity is at a few positions; cost grows with the square)."""
     max_latent_rate: float | None = None
     """Train only latents that fire on at most this share of reference tokens (measured by
     :meth:`MicroEditor.calibrate`); frequent 'format' latents are then left to every input alike.
@@ -476,10 +476,13 @@ class MicroEditor(EditMethod):
             self.results.append(res)
         return out
 
-    def _problem(self, seq: EditSequence) -> _EditProblem:
+    def _sequence_codes(self, seq: EditSequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean activation [1, seq, d], valid positions [seq], code values and indices [seq, k])."""
         z, vals, idx = self._clean_and_codes(seq.tokens[None])
-        valid = valid_positions(1, len(seq.tokens), self.cfg.skip_first, z.device)[0]
-        vals, idx = vals[0], idx[0]
+        return z, valid_positions(1, len(seq.tokens), self.cfg.skip_first, z.device)[0], vals[0], idx[0]
+
+    def _problem(self, seq: EditSequence) -> _EditProblem:
+        z, valid, vals, idx = self._sequence_codes(seq)
         active = (vals > 0) & valid[:, None]
         rows = torch.unique(idx[active])
         if self.cfg.max_latent_rate is not None:
@@ -521,12 +524,18 @@ class MicroEditor(EditMethod):
         tgt_lp, margin = self._token_margins(prob, z_hat, fast)
         return -tgt_lp.mean(), margin.min()
 
+    def _target_logits(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> Float[torch.Tensor, "n_target vocab"]:
+        """Logits (float32) at the positions predicting the target, with ``z_hat`` substituted at the
+        valid positions of the hook (differentiable in ``z_hat``). ``fast``: in the bf16 copy
+        (``bf16_steps``)."""
+        resid = torch.where(prob.valid[None, :, None], z_hat[None].to(prob.z.dtype), prob.z)
+        with self.detached():
+            logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast and self.cfg.bf16_steps, positions=prob.seq.target_positions)
+        return logits[0].float()
+
     def _token_margins(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per target token: (log-prob, log-prob margin over the best other token)."""
-        resid = torch.where(prob.valid[None, :, None], z_hat[None].to(prob.z.dtype), prob.z)
-        fast = fast and self.cfg.bf16_steps
-        logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast, positions=prob.seq.target_positions)[0]
-        lp = logits.float().log_softmax(-1)
+        lp = self._target_logits(prob, z_hat, fast).log_softmax(-1)
         tgt = prob.seq.target_ids[:, None]
         tgt_lp = lp.gather(-1, tgt).squeeze(-1)
         other = lp.scatter(-1, tgt, float("-inf")).max(-1).values
@@ -535,10 +544,7 @@ class MicroEditor(EditMethod):
     @torch.no_grad()
     def _token_log_odds(self, prob: _EditProblem, z_hat: torch.Tensor) -> Float[torch.Tensor, " n_target"]:
         """Each target token's log-odds ``log p / (1 - p)`` with ``z_hat`` substituted (full precision)."""
-        resid = torch.where(prob.valid[None, :, None], z_hat.detach()[None].to(prob.z.dtype), prob.z)
-        with self.detached():
-            logits = self.site.logits_from(resid, prob.seq.tokens[None], positions=prob.seq.target_positions)
-        return _log_odds(logits[0].float(), prob.seq.target_ids)
+        return _log_odds(self._target_logits(prob, z_hat), prob.seq.target_ids)
 
     def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False, log_odds: bool = False) -> Float[torch.Tensor, "n_target seq d"]:
         """Gradient of each target token's log-prob (``log_odds``: log-odds) w.r.t. the reconstruction
@@ -546,11 +552,9 @@ class MicroEditor(EditMethod):
         per token, vmapped). ``fast``: in the bf16 copy (``bf16_steps``)."""
         n_t = len(prob.seq.target_ids)
         zh = z_hat.detach()[None].clone().requires_grad_(True)
-        with torch.enable_grad(), self.detached():
-            resid = torch.where(prob.valid[None, :, None], zh.to(prob.z.dtype), prob.z)
-            logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast and self.cfg.bf16_steps, positions=prob.seq.target_positions)
-            score = _log_odds(logits[0].float(), prob.seq.target_ids) if log_odds else \
-                logits[0].float().log_softmax(-1)[torch.arange(n_t), prob.seq.target_ids]  # [n_t]
+        with torch.enable_grad():
+            logits = self._target_logits(prob, zh[0], fast)
+            score = _log_odds(logits, prob.seq.target_ids) if log_odds else logits.log_softmax(-1)[torch.arange(n_t), prob.seq.target_ids]  # [n_t]
             (grad,) = torch.autograd.grad(score, zh, grad_outputs=torch.eye(n_t, dtype=score.dtype), is_grads_batched=True)
         return grad[:, 0].detach().float()
 
@@ -692,8 +696,8 @@ class MicroEditor(EditMethod):
         where no weight gets there, the step asks for half), plus ``keep_targets``' holds on
         earlier target tokens. A step that does not lower the deficit is halved (twice at most).
         Stops when every target token has its margin and the ARD is under the goal; the holds (the
-        costly part of a step) join from the step after the rule is first met, and the rule must then
-        be met again with them."""
+        costly part of a step) join from the step after the rule is first met (or from the budget's
+        last three steps), and the rule must then be met again with them."""
         t0 = time.perf_counter()
         sys_ = _MinimalSystem.build(self, prob)
         dR = torch.zeros_like(prob.R0, dtype=torch.float64)
@@ -840,13 +844,10 @@ class MicroEditor(EditMethod):
     def _rebuild_sensitivities(self, requests: Sequence[EditRequest]) -> None:
         floor = self.cfg.keep_floor is not None
         bank = SensitivityBank(self.sae.cfg.d_in, self.sae.cfg.k)
-        with torch.no_grad():
-            W, b = self.sae.W_dec.detach(), self.sae.b_dec.detach()
+        W, b = self.sae.W_dec.detach(), self.sae.b_dec.detach()
         for i, request in enumerate(requests):
             seq = tokenize_request(self.model, request)
-            z, vals, idx = self._clean_and_codes(seq.tokens[None])
-            valid = valid_positions(1, len(seq.tokens), self.cfg.skip_first, z.device)[0]
-            vals, idx = vals[0], idx[0]
+            z, valid, vals, idx = self._sequence_codes(seq)
             z_hat = sparse_decode(vals, idx, W, b)
             empty = torch.zeros(0, dtype=torch.long)
             prob = _EditProblem(seq, z, valid, empty, torch.zeros(len(seq.tokens), 0), z_hat, torch.zeros(0, W.shape[1]), idx, vals)
