@@ -117,6 +117,11 @@ class MicroEditConfig:
     minimal_step_nats: float = 4.0
     """``row_update="minimal"`` only: the most a step asks any target log-prob to rise (stays near the
     linear regime); the ask is the deficit to ``target_margin`` plus 0.5."""
+    own_positions: int | None = 32
+    """``row_update="minimal"`` only: per target token of the edit, its linearised log-prob uses the
+    gradient at only this many positions of the edit sequence, those with the largest gradient norm
+    (the rest carry < 0.5% of the squared norm on 100-150-token hallucination prompts; the cost of a
+    step grows with the square of tokens x positions). ``None``: every position."""
     ridge: float = 0.1
     """Projection only: ridge on the row change, relative to the mean squared code of the edit's
     trainable latents (keeps rows no anchor uses from moving more than needed)."""
@@ -186,6 +191,8 @@ class MicroEditConfig:
             raise ValueError(f"keep_targets must be >= 0 and keep_positions >= 1, got {self.keep_targets}, {self.keep_positions}")
         if self.minimal_steps < 1 or not self.minimal_step_nats > 0:
             raise ValueError(f"minimal_steps must be >= 1 and minimal_step_nats > 0, got {self.minimal_steps}, {self.minimal_step_nats}")
+        if self.own_positions is not None and self.own_positions < 1:
+            raise ValueError(f"own_positions must be >= 1 or None, got {self.own_positions}")
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
         if self.keep_floor is not None and not math.isfinite(self.keep_floor):
@@ -205,7 +212,7 @@ class MicroEditConfig:
 
 _ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False, "repair_rate": 1.0,
                                                     "track_tau_floor": False, "minimal_steps": 10, "minimal_step_nats": 4.0,
-                                                    "keep_floor": None, "refresh_every": 0})
+                                                    "keep_floor": None, "refresh_every": 0, "own_positions": None})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
@@ -740,7 +747,7 @@ class MicroEditor(EditMethod):
         """The next full linearised step of :meth:`_minimal_rows` (the total row change it proposes);
         ``hold``: with ``keep_targets``' holds on earlier target tokens."""
         g = self._target_gradients(prob, prob.z_fixed + prob.A @ _rows_after(prob, dR), fast=True)[:, sys_.cols]  # [n_t, S, d]
-        own = _Constraints.own(sys_.Ae, g)
+        own = _Constraints.own(sys_.Ae, g, self.cfg.own_positions)
         ask = (self.cfg.target_margin + 0.5 - margin.double()).clamp(0.0, self.cfg.minimal_step_nats)
         start, best = sys_.lam / 4.0, None  # the last step's weight is usually close: start just below it
         for halvings in range(6):
@@ -997,11 +1004,18 @@ class _Constraints:
         return cls(A.to_dense().T.contiguous(), A, torch.arange(A.shape[0]), sens.grad.to(torch.float64), sens.constraint, sens.n_constraints)
 
     @classmethod
-    def own(cls, Ae: Float[torch.Tensor, "S m"], g: Float[torch.Tensor, "n_t S d"]) -> "_Constraints":
-        """The edit's own target tokens: token t reads every position of the edit sequence."""
+    def own(cls, Ae: Float[torch.Tensor, "S m"], g: Float[torch.Tensor, "n_t S d"], positions: int | None = None) -> "_Constraints":
+        """The edit's own target tokens: token t reads every position of the edit sequence (with
+        ``positions``: only that many, those where its gradient is largest)."""
         n_t, S = g.shape[:2]
-        return cls(Ae.T.contiguous(), Ae.to_sparse(), torch.arange(S).repeat(n_t), g.reshape(n_t * S, g.shape[-1]).to(torch.float64),
-                   torch.arange(n_t).repeat_interleave(S), n_t)
+        if positions is None or positions >= S:
+            atom = torch.arange(S).repeat(n_t)
+            G = g.reshape(n_t * S, g.shape[-1])
+        else:
+            top = g.norm(dim=-1).topk(positions, dim=1).indices.sort(dim=1).values  # [n_t, positions]
+            atom = top.reshape(-1)
+            G = g[torch.arange(n_t).repeat_interleave(positions), atom]
+        return cls(Ae.T.contiguous(), Ae.to_sparse(), atom, G.to(torch.float64), torch.arange(n_t).repeat_interleave(len(atom) // n_t), n_t)
 
     def concat(self, other: "_Constraints") -> "_Constraints":
         """These constraints followed by ``other``'s (numbered after them)."""

@@ -211,17 +211,17 @@ def test_frequent_latents_can_be_frozen(tiny_model, tiny_sae, reference_texts):
 def test_config_validation():
     for bad in (dict(lr=0), dict(alpha=-1), dict(tau=0), dict(tau_quantile=1.5), dict(stage2_max_steps=0),
                 dict(ard_margin=0), dict(memory_weight=-1), dict(row_update="closed_form"), dict(ridge=0.0),
-                dict(repair_rate=-0.1)):
+                dict(repair_rate=-0.1), dict(own_positions=0)):
         with pytest.raises(ValueError):
             MicroEditConfig(**bad)
 
 
 def test_configs_saved_before_a_field_existed_load_with_its_old_behaviour():
     d = MicroEditConfig().to_dict()
-    for name in ("keep_targets", "keep_positions", "track_tau", "repair_rate"):
+    for name in ("keep_targets", "keep_positions", "track_tau", "repair_rate", "own_positions"):
         d.pop(name)
     old = MicroEditConfig.from_dict(d)
-    assert old.keep_targets == 0 and not old.track_tau and old.repair_rate == 1.0
+    assert old.keep_targets == 0 and not old.track_tau and old.repair_rate == 1.0 and old.own_positions is None
     assert MicroEditConfig.from_dict(MicroEditConfig().to_dict()) == MicroEditConfig()
 
 
@@ -491,6 +491,11 @@ def test_constraint_solve_meets_its_right_hand_side():
     grads = torch.randn(2, 4, d, generator=g)
     own = _Constraints.own(Ae, grads)
     torch.testing.assert_close(own.change(dR), torch.einsum("sm,md,tsd->t", Ae, dR, grads.double()))
+    same = _Constraints.own(Ae, grads, positions=4)  # as many as the sequence has: every position
+    torch.testing.assert_close(same.change(dR), own.change(dR))
+    top2 = _Constraints.own(Ae, grads, positions=2)  # per token, only its 2 largest-gradient positions
+    keep = torch.zeros(2, 4, 1).scatter_(1, grads.norm(dim=-1).topk(2, dim=1).indices[..., None], 1.0)
+    torch.testing.assert_close(top2.change(dR), torch.einsum("sm,md,tsd->t", Ae, dR, (grads * keep).double()))
     both = own.concat(held)
     torch.testing.assert_close(both.change(dR), torch.cat([own.change(dR), held.change(dR)]))
     rhs = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.5], dtype=torch.float64)
