@@ -162,13 +162,14 @@ class SweepResult:
     @classmethod
     def merge(cls, results: Sequence["SweepResult"]) -> "SweepResult":
         """One table from runs of the same method on the same data made separately (e.g. each T in its
-        own process). Each T keeps the config it ran with (``config["per_T"]``); a T may appear once."""
+        own process). Each T keeps the config it ran with (``config["per_T"]``); a T may appear once.
+        The data is compared by file name (runs started from other folders name one file differently)."""
         if not results:
             raise ValueError("nothing to merge")
         first = results[0]
         runs: dict[int, TRun] = {}
         for r in results:
-            if (r.method, r.dataset) != (first.method, first.dataset):
+            if (r.method, Path(r.dataset).name) != (first.method, Path(first.dataset).name):
                 raise ValueError(f"cannot merge {r.method} on {r.dataset!r} with {first.method} on {first.dataset!r}")
             for t, run in r.runs.items():
                 if t in runs:

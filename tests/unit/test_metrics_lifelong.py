@@ -188,6 +188,12 @@ def test_results_round_trip_through_json_and_merge(tiny_model, tiny_sae, tmp_pat
     assert merged.to_markdown().count("|") > 3 * 4
     with pytest.raises(ValueError, match="T=1"):
         SweepResult.merge([back, back])
+    from dataclasses import replace
+
+    elsewhere = replace(SweepResult.from_json(tmp_path / "b.json"), dataset="/some/other/folder/toy")
+    assert sorted(SweepResult.merge([back, elsewhere]).runs) == [1, 2, 4]  # the same file, named from elsewhere
+    with pytest.raises(ValueError, match="cannot merge"):
+        SweepResult.merge([back, replace(elsewhere, dataset="other")])
     with pytest.raises(ValueError, match="no per-record"):
         SweepResult.from_json(a.to_json(tmp_path / "c.json", with_records=False))
 
