@@ -342,11 +342,9 @@ class SensitivityBank(CodeBank):
         if len(self) and (level is not None) != self.has_levels:
             raise ValueError("every edit of a sensitivity bank stores token levels or none does (keep_floor must be set "
                              "from the first edit on)")
-        n_t, n = grad.shape[:2]
-        top = grad.norm(dim=-1).topk(min(keep, n), dim=1).indices.sort(dim=1).values  # [n_t, keep]
-        pos = top.reshape(-1)
-        self._add(group, idx[pos], vals[pos], grad=grad[torch.arange(n_t).repeat_interleave(top.shape[1]), pos].to(torch.bfloat16),
-                  token=torch.arange(n_t).repeat_interleave(top.shape[1]))
+        n_t = grad.shape[0]
+        token, pos, kept = largest_gradient_positions(grad, keep)
+        self._add(group, idx[pos], vals[pos], grad=kept.to(torch.bfloat16), token=token)
         if level is not None:
             self._levels.append(level.detach().to(torch.float64).reshape(n_t).clone())
             self._drift.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)))
@@ -414,6 +412,16 @@ class SensitivityBank(CodeBank):
             token = first[ukey[:, 0]] + ukey[:, 1]
             level = self.levels()[token]
         return SelectedSensitivities(A, self._cat("grad")[sel].float(), constraint, n_c, token, level)
+
+
+def largest_gradient_positions(grad: Float[torch.Tensor, "n_t n d"], keep: int) -> tuple[Int[torch.Tensor, " j"], Int[torch.Tensor, " j"], Float[torch.Tensor, "j d"]]:
+    """Per token, its ``keep`` positions with the largest gradient norm (all ``n`` if fewer), in
+    position order: (token of each entry, its position, its gradient), token-major."""
+    n_t, n = grad.shape[:2]
+    top = grad.norm(dim=-1).topk(min(keep, n), dim=1).indices.sort(dim=1).values  # [n_t, keep]
+    token = torch.arange(n_t).repeat_interleave(top.shape[1])
+    pos = top.reshape(-1)
+    return token, pos, grad[token, pos]
 
 
 def _empty_sparse(m: int) -> torch.Tensor:

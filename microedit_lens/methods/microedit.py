@@ -50,7 +50,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 
-from microedit_lens.editor import AnchorBank, EditSequence, HookSite, RowHistory, SelectedSensitivities, SensitivityBank, batch_tokens, tokenize_request
+from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, RowHistory, SelectedSensitivities, SensitivityBank, batch_tokens,
+                                   largest_gradient_positions, tokenize_request)
 from microedit_lens.methods.base import EditMethod, register_method
 from microedit_lens.metrics import logits_at
 from microedit_lens.sae import check_editable, editable_copy
@@ -1008,14 +1009,8 @@ class _Constraints:
         """The edit's own target tokens: token t reads every position of the edit sequence (with
         ``positions``: only that many, those where its gradient is largest)."""
         n_t, S = g.shape[:2]
-        if positions is None or positions >= S:
-            atom = torch.arange(S).repeat(n_t)
-            G = g.reshape(n_t * S, g.shape[-1])
-        else:
-            top = g.norm(dim=-1).topk(positions, dim=1).indices.sort(dim=1).values  # [n_t, positions]
-            atom = top.reshape(-1)
-            G = g[torch.arange(n_t).repeat_interleave(positions), atom]
-        return cls(Ae.T.contiguous(), Ae.to_sparse(), atom, G.to(torch.float64), torch.arange(n_t).repeat_interleave(len(atom) // n_t), n_t)
+        token, atom, G = largest_gradient_positions(g, S if positions is None else positions)
+        return cls(Ae.T.contiguous(), Ae.to_sparse(), atom, G.to(torch.float64), token, n_t)
 
     def concat(self, other: "_Constraints") -> "_Constraints":
         """These constraints followed by ``other``'s (numbered after them)."""

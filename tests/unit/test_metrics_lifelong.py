@@ -179,7 +179,7 @@ def test_results_round_trip_through_json_and_merge(tiny_model, tiny_sae, tmp_pat
     b = run_lifelong(tiny_model, tiny_sae, recs, LifelongConfig(T=[2, 4], generative=False), **kw)
     back = SweepResult.from_json(a.to_json(tmp_path / "a.json"))
     assert back.runs[1].summary() == pytest.approx(a.runs[1].summary(), nan_ok=True)
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     for x, y in zip(back.runs[1].records, a.runs[1].records, strict=True):
         assert asdict(x) == pytest.approx(asdict(y), nan_ok=True)
@@ -188,8 +188,6 @@ def test_results_round_trip_through_json_and_merge(tiny_model, tiny_sae, tmp_pat
     assert merged.to_markdown().count("|") > 3 * 4
     with pytest.raises(ValueError, match="T=1"):
         SweepResult.merge([back, back])
-    from dataclasses import replace
-
     elsewhere = replace(SweepResult.from_json(tmp_path / "b.json"), dataset="/some/other/folder/toy")
     assert sorted(SweepResult.merge([back, elsewhere]).runs) == [1, 2, 4]  # the same file, named from elsewhere
     with pytest.raises(ValueError, match="cannot merge"):
