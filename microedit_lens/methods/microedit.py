@@ -712,7 +712,7 @@ class MicroEditor(EditMethod):
         lp, margin = self._margins_at(prob, dR)
         first, n = -float(lp.mean()), 0
         can_hold = prob.sensitivities is not None and prob.sensitivities.n_constraints > 0
-        hold = False
+        hold = held = False
         for n in range(1, self.cfg.minimal_steps + 1):
             merit = self._minimal_merit(margin, sys_.ard(dR), sys_.ard_goal)
             if not math.isfinite(merit):
@@ -725,9 +725,13 @@ class MicroEditor(EditMethod):
                 # only then would otherwise keep rows that nothing held): from now on every step also
                 # holds earlier targets
                 hold = can_hold
+            first_held = hold and not held
             new = self._minimal_step(prob, sys_, dR, margin, hold)
+            held = hold
             tried = []
-            for shrink in (1.0, 0.5, 0.25):
+            # the first held step is taken whole: shrinking it back towards the unheld rows would
+            # keep only part of the holds (the rule is then re-met with all of them, or not at all)
+            for shrink in ((1.0,) if first_held else (1.0, 0.5, 0.25)):
                 cand = dR + shrink * (new - dR)
                 lp_c, margin_c = self._margins_at(prob, cand)
                 tried.append((self._minimal_merit(margin_c, sys_.ard(cand), sys_.ard_goal), shrink, cand, lp_c, margin_c))
