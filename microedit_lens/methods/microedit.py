@@ -712,7 +712,7 @@ class MicroEditor(EditMethod):
         lp, margin = self._margins_at(prob, dR)
         first, n = -float(lp.mean()), 0
         can_hold = prob.sensitivities is not None and prob.sensitivities.n_constraints > 0
-        hold = held = False
+        hold = False
         for n in range(1, self.cfg.minimal_steps + 1):
             merit = self._minimal_merit(margin, sys_.ard(dR), sys_.ard_goal)
             if not math.isfinite(merit):
@@ -720,14 +720,12 @@ class MicroEditor(EditMethod):
             if merit == 0.0 and (hold or not can_hold):
                 n -= 1
                 break
-            if merit == 0.0 or n > self.cfg.minimal_steps - 3:
-                # met without the holds, or the budget's last three steps (an edit that meets the rule
-                # only then would otherwise keep rows that nothing held): from now on every step also
-                # holds earlier targets
-                hold = can_hold
-            first_held = hold and not held
+            # met without the holds, or the budget's last three steps (an edit that meets the rule
+            # only then would otherwise keep rows that nothing held): from now on every step also
+            # holds earlier targets
+            first_held = can_hold and not hold and (merit == 0.0 or n > self.cfg.minimal_steps - 3)
+            hold = hold or first_held
             new = self._minimal_step(prob, sys_, dR, margin, hold)
-            held = hold
             tried = []
             # the first held step is taken whole: shrinking it back towards the unheld rows would
             # keep only part of the holds (the rule is then re-met with all of them, or not at all)
