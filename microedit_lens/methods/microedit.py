@@ -735,7 +735,8 @@ class MicroEditor(EditMethod):
                 tried.append((self._minimal_merit(margin_c, sys_.ard(cand), sys_.ard_goal), shrink, cand, lp_c, margin_c))
                 if tried[-1][0] < merit or tried[-1][0] == 0.0:
                     break
-            _, _, dR, lp, margin = min(tried, key=lambda t: (t[0], -t[1]))
+            merit_new, shrink, dR, lp, margin = min(tried, key=lambda t: (t[0], -t[1]))
+            logger.debug("minimal step %d: held=%s shrink=%s merit %.4g -> %.4g (min margin %.3g)", n, hold, shrink, merit, merit_new, float(margin.min()))
         return _rows_after(prob, dR), StageStats(steps=n, loss_start=first, loss_end=-float(lp.mean()), seconds=time.perf_counter() - t0)
 
     def _margins_at(self, prob: _EditProblem, dR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -760,14 +761,20 @@ class MicroEditor(EditMethod):
         u, P, want, new, sys_.lam = best.u, best.P, best.want, best.new, best.lam
         sens = prob.sensitivities
         if hold and sens is not None and sens.n_constraints:
+            # a held step corrects the current rows (the least change that raises the target tokens by
+            # the ask and takes the chosen earlier tokens where they must be) instead of solving afresh
+            # from ``u``: a fresh solve keeps only what the constraints linearised *here* see, and at a
+            # point where the edit has its margin the target's gradient no longer sees the suppressed
+            # competitors, so it could undo the edit (docs/METHOD.md)
+            ask = want - own.change(dR)
+            new = dR + self._solve_constraints(own, P, ask)
             chosen = torch.zeros(0, dtype=torch.long)
             for _ in range(3):  # as in _keep_targets: a correction can push other tokens down
                 chosen, grew = self._more_threatened(sens, new, chosen)
                 if not grew:
                     break
                 both = own.concat(_Constraints.held(sens.subset(chosen)))
-                rhs = torch.cat([want, self._held_change(sens, chosen)]) - both.change(u)
-                new = u + self._solve_constraints(both, P, rhs)
+                new = dR + self._solve_constraints(both, P, torch.cat([ask, self._held_change(sens, chosen) - sens.change(dR)[chosen]]))
         return new
 
     def _weigh_ard(self, sys_: "_MinimalSystem", own: "_Constraints", dR: torch.Tensor, ask: torch.Tensor, lam: float,
