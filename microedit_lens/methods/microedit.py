@@ -758,7 +758,7 @@ class MicroEditor(EditMethod):
             best, met = self._weigh_ard(sys_, own, dR, ask * 0.5**halvings, start, best)
             if met:
                 break  # else the ARD goal is out of reach with this ask (the weight grew past what float64 resolves): ask for half
-        u, P, want, new, sys_.lam = best.u, best.P, best.want, best.new, best.lam
+        P, want, new, sys_.lam = best.P, best.want, best.new, best.lam
         sens = prob.sensitivities
         if hold and sens is not None and sens.n_constraints:
             # a held step corrects the current rows (the least change that raises the target tokens by

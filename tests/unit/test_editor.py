@@ -692,3 +692,28 @@ def test_minimal_update_takes_the_first_held_step_whole(tiny_model, tiny_sae, re
     assert (after - before).abs().sum() > 0
     assert ((before < 3.0) | (after >= 3.0 - 1e-3)).all()
     ed.detach()
+
+
+def test_minimal_held_step_corrects_the_current_rows(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    """A held step is a correction of the current rows, not a fresh least-change solve: a fresh solve
+    keeps only what the target's gradient at the current rows sees, and once the edit has its margin
+    that gradient no longer sees the competitors the edit suppressed, so the step could undo the edit
+    (the demo's 'gold -> Fe' edit fell from margin 5 to -9 in one held step). With no earlier token
+    threatened and nothing asked of the edit's own tokens, a held step must leave the rows as they are."""
+    kw = dict(row_update="minimal", keep_floor=-100.0, keep_targets=1000, target_margin=0.5, minimal_steps=10)
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, **kw)
+    ed.edit(REQS[:2])
+    real_step = MicroEditor._minimal_step
+    checked = []
+
+    def step(self, prob, sys_, dR, margin, hold):
+        if hold:
+            # nothing asked (margin far above the target) and nothing threatened (floor -100)
+            same = real_step(self, prob, sys_, dR, torch.full_like(margin, 100.0), hold)
+            checked.append(float((same - dR).abs().max()))
+        return real_step(self, prob, sys_, dR, margin, hold)
+
+    monkeypatch.setattr(MicroEditor, "_minimal_step", step)
+    ed.edit(REQS[2])
+    assert checked and max(checked) < 1e-12
+    ed.detach()
