@@ -143,7 +143,7 @@ class MicroEditConfig:
     """keep_targets only: every this many edits, re-measure the stored sensitivities (and levels) of
     every edit so far at the current decoder (one forward and backward pass per edit), so that
     they are not stale and the levels' first-order drift does not accumulate. 0 = never. ZsRE T=1000
-    with 200: Rel 0.83 -> 0.87, generative exact match 0.62 -> 0.76, at +36% editing time (a refresh
+    with 200: Rel 0.83 -> 0.87, generative exact match 0.62 -> 0.76, at +37% editing time (a refresh
     costs one pass per stored edit, so the total grows with the square of the stream; docs/RESULTS.md)."""
     keep_floor: float | None = 2.0
     """keep_targets with a floor (log-odds, nats): instead of holding the earlier target tokens an
