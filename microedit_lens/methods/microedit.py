@@ -760,15 +760,14 @@ class MicroEditor(EditMethod):
             best, met = self._weigh_ard(sys_, own, dR, ask * 0.5**halvings, start, best)
             if met:
                 break  # else the ARD goal is out of reach with this ask (the weight grew past what float64 resolves): ask for half
-        P, want, new, sys_.lam = best.P, best.want, best.new, best.lam
+        P, ask, new, sys_.lam = best.P, best.ask, best.new, best.lam
         sens = prob.sensitivities
         if hold and sens is not None and sens.n_constraints:
             # a held step corrects the current rows (the least change that raises the target tokens by
             # the ask and takes the chosen earlier tokens where they must be) instead of solving afresh
-            # from ``u``: a fresh solve keeps only what the constraints linearised *here* see, and at a
+            # from the unconstrained point: a fresh solve keeps only what the constraints linearised *here* see, and at a
             # point where the edit has its margin the target's gradient no longer sees the suppressed
             # competitors, so it could undo the edit (docs/METHOD.md)
-            ask = want - own.change(dR)
             new = dR + self._solve_constraints(own, P, ask)
             chosen = torch.zeros(0, dtype=torch.long)
             for _ in range(3):  # as in _keep_targets: a correction can push other tokens down
@@ -795,7 +794,7 @@ class MicroEditor(EditMethod):
 
             want = own.change(dR) + ask
             u = -P(sys_.b + lam * sys_.Ate)
-            best = _WeighedStep(u, P, want, u + self._solve_constraints(own, P, want - own.change(u)), lam)
+            best = _WeighedStep(P, ask, u + self._solve_constraints(own, P, want - own.change(u)), lam)
             if sys_.ard(best.new) <= 0.9 * sys_.ard_goal:
                 return best, True
             lam *= 2.0
@@ -966,12 +965,11 @@ class MicroEditor(EditMethod):
 
 
 class _WeighedStep(NamedTuple):
-    """One solve of :meth:`MicroEditor._weigh_ard`: the repair part ``u``, the solver ``P`` of the
-    weighted system, the asked constraint values, the total row change and the ARD weight used."""
+    """One solve of :meth:`MicroEditor._weigh_ard`: the solver ``P`` of the weighted system, the
+    rise asked of each target token (after any halving), the total row change and the ARD weight used."""
 
-    u: torch.Tensor
     P: Callable[[torch.Tensor], torch.Tensor]
-    want: torch.Tensor
+    ask: torch.Tensor
     new: torch.Tensor
     lam: float
 
