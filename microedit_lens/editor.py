@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from microedit_lens.switch import sparse_decode
 from microedit_lens.types import EditRequest
@@ -94,7 +94,7 @@ class HookSite:
         resid: Float[torch.Tensor, "batch seq d"],
         tokens: Int[torch.Tensor, "batch seq"],
         fast: bool = False,
-        positions: Int[torch.Tensor, " n"] | None = None,
+        positions: Int[torch.Tensor, " n"] | Int[torch.Tensor, "batch n"] | None = None,
     ) -> Float[torch.Tensor, "batch n vocab"]:
         """Logits when the activation at the hook is ``resid`` (differentiable in ``resid``).
 
@@ -109,12 +109,27 @@ class HookSite:
             from microedit_lens.models import final_logits
 
             return final_logits(m, m(x, start_at_layer=self.start_layer, stop_at_layer=m.cfg.n_layers)[:, positions]).float()
+        logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, self._replacing(resid))])
+        return logits if positions is None else logits[:, positions]
 
+    def final_resid(
+        self, resid: Float[torch.Tensor, "batch seq d"], tokens: Int[torch.Tensor, "batch seq"], positions: Int[torch.Tensor, "batch n"]
+    ) -> Float[torch.Tensor, "batch n d_model"]:
+        """The residual stream after the last block (before the final norm) at ``positions`` of each
+        row, when the activation at the hook is ``resid`` (differentiable in ``resid``);
+        ``models.final_logits`` turns it into logits."""
+        rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
+        n = self.model.cfg.n_layers
+        if self.start_layer is not None:
+            return self.model(resid, start_at_layer=self.start_layer, stop_at_layer=n)[rows, positions]
+        return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, self._replacing(resid))], stop_at_layer=n)[rows, positions]
+
+    @staticmethod
+    def _replacing(resid: torch.Tensor) -> Callable[[torch.Tensor, Any], torch.Tensor]:
         def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
             return resid.to(act.dtype)
 
-        logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, replace)])
-        return logits if positions is None else logits[:, positions]
+        return replace
 
 
 @dataclass
@@ -235,6 +250,18 @@ class CodeBank:
         cols = torch.searchsorted(rows, idx[r, c])
         A = torch.sparse_coo_tensor(torch.stack([r, cols]), vals[r, c], (len(sel), rows.shape[0]), check_invariants=False).coalesce()
         return sel, idx, vals, A
+
+    def codes(self, group: int) -> tuple[Int[torch.Tensor, "n k"], Float[torch.Tensor, "n k"]]:
+        """The codes (idx, vals) of the positions stored for ``group`` (its first entry)."""
+        if "_first" not in self._joined:
+            first: dict[int, int] = {}
+            for i, g in enumerate(self._group):
+                first.setdefault(g, i)
+            self._joined["_first"] = first  # type: ignore[assignment]
+        i = self._joined["_first"].get(group)  # type: ignore[union-attr]
+        if i is None:
+            raise KeyError(f"no positions stored for edit {group}")
+        return self._data["idx"][i].long(), self._data["vals"][i]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         if len(self) == 0:
@@ -437,10 +464,18 @@ def batch_tokens(model: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.
     n = max(len(x) for x in ids)
     if n > model.cfg.n_ctx:
         raise ValueError(f"a text is {n} tokens, longer than the model's context ({model.cfg.n_ctx})")
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    return pad_ids(model, ids)
+
+
+def pad_ids(model: Any, ids: Sequence[Sequence[int] | torch.Tensor]) -> tuple[Int[torch.Tensor, "batch seq"], Bool[torch.Tensor, "batch seq"]]:
+    """Right-padded token ids and the mask of real tokens (the tokenizer's pad id, else 0; with
+    causal attention the padding never changes a real position)."""
+    tok = getattr(model, "tokenizer", None)
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    n = max(len(x) for x in ids)
     toks = torch.full((len(ids), n), pad, dtype=torch.long)
     mask = torch.zeros(len(ids), n, dtype=torch.bool)
     for i, x in enumerate(ids):
-        toks[i, : len(x)] = torch.tensor(x)
+        toks[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
         mask[i, : len(x)] = True
     return toks, mask

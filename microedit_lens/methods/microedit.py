@@ -51,9 +51,10 @@ from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 
 from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, RowHistory, SelectedSensitivities, SensitivityBank, batch_tokens,
-                                   largest_gradient_positions, tokenize_request)
+                                   largest_gradient_positions, pad_ids, tokenize_request)
 from microedit_lens.methods.base import EditMethod, register_method
 from microedit_lens.metrics import logits_at
+from microedit_lens.models import final_logits
 from microedit_lens.sae import check_editable, editable_copy
 from microedit_lens.switch import SwitchedSAE, SwitchMode, ard, sparse_decode, topk_codes, valid_positions
 from microedit_lens.types import EditError, EditRequest, EditResult, NumericalEditError, StageStats
@@ -64,6 +65,9 @@ logger = logging.getLogger(__name__)
 ROW_UPDATES = ("projected", "minimal", "gradient")
 FLOOR_REPAIR_NATS = 1.0
 """``keep_floor``: the most one edit raises an earlier token's estimated log-odds back towards the floor."""
+REFRESH_BATCH_ATOMS = 8192
+"""Re-measuring sensitivities: sequences are batched while (sequences x longest x most target tokens),
+the size of the batched backward pass, stays within this."""
 
 
 @dataclass
@@ -141,10 +145,12 @@ class MicroEditConfig:
     gradient (most of a token's sensitivity is at a few positions; cost grows with the square)."""
     refresh_every: int = 0
     """keep_targets only: every this many edits, re-measure the stored sensitivities (and levels) of
-    every edit so far at the current decoder (one forward and backward pass per edit), so that
-    they are not stale and the levels' first-order drift does not accumulate. 0 = never. ZsRE T=1000
-    with 200: Rel 0.83 -> 0.87, generative exact match 0.62 -> 0.76, at +37% editing time (a refresh
-    costs one pass per stored edit, so the total grows with the square of the stream; docs/RESULTS.md)."""
+    every edit so far at the current decoder, so that they are not stale and the levels' first-order
+    drift does not accumulate; done when the next edit starts (never after a stream's last edit).
+    0 = never. A refresh runs the layers after the hook forward and backward once per stored edit,
+    batched, from the codes the memory stores (~0.09 s per stored ZsRE edit on one shared core), so
+    its total cost still grows with the square of the stream. ZsRE T=1000 with 200: Rel 0.83 -> 0.87,
+    generative exact match 0.62 -> 0.76 (docs/RESULTS.md)."""
     keep_floor: float | None = 2.0
     """keep_targets with a floor (log-odds, nats): instead of holding the earlier target tokens an
     update would lower most at zero change, keep every earlier target token's *estimated log-odds*
@@ -803,6 +809,9 @@ class MicroEditor(EditMethod):
     def _edit_one(self, request: EditRequest, seq: EditSequence) -> EditResult:
         t0 = time.perf_counter()
         torch.manual_seed(self.cfg.seed + len(self.results))
+        if self._keeps_targets and self.cfg.refresh_every and self.results and len(self.results) % self.cfg.refresh_every == 0:
+            # due after every refresh_every edits; done when the next edit needs it (none after a stream's last edit)
+            self.refresh_sensitivities()
         prob = self._problem(seq)
         R = prob.R0.clone().requires_grad_(True)
         with torch.no_grad():
@@ -841,8 +850,6 @@ class MicroEditor(EditMethod):
             sens = prob.sensitivities
             if floor and sens is not None and sens.n_constraints:
                 self.sensitivity.add_drift(sens.token, sens.change(R.detach().double() - prob.R0.double()))
-            if self.cfg.refresh_every and (index + 1) % self.cfg.refresh_every == 0:
-                self._rebuild_sensitivities([r.request for r in self.results] + [request])
         ard_after = rec.item()
         success = margin.item() > 0 and ard_after <= self.switch.tau
         return EditResult(
@@ -861,17 +868,65 @@ class MicroEditor(EditMethod):
 
     def _rebuild_sensitivities(self, requests: Sequence[EditRequest]) -> None:
         floor = self.cfg.keep_floor is not None
+        seqs = [tokenize_request(self.model, r) for r in requests]
+        measured: list[tuple[torch.Tensor, ...]] = [()] * len(seqs)
+        # batches of sequences with the same number of target tokens (the batched backward pass has
+        # one row per target-token number), at most REFRESH_BATCH_ATOMS (sequences x length x tokens)
+        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].target_ids), len(seqs[i].tokens)))
+        start = 0
+        while start < len(order):
+            n_t, end = len(seqs[order[start]].target_ids), start + 1
+            while (end < len(order) and len(seqs[order[end]].target_ids) == n_t
+                   and (end + 1 - start) * len(seqs[order[end]].tokens) * n_t <= REFRESH_BATCH_ATOMS):
+                end += 1
+            batch = order[start:end]
+            for i, m in zip(batch, self._measure_targets([seqs[i] for i in batch], [self.memory.codes(i) for i in batch], log_odds=floor)):
+                measured[i] = m
+            start = end
         bank = SensitivityBank(self.sae.cfg.d_in, self.sae.cfg.k)
-        W, b = self.sae.W_dec.detach(), self.sae.b_dec.detach()
-        for i, request in enumerate(requests):
-            seq = tokenize_request(self.model, request)
-            z, valid, vals, idx = self._sequence_codes(seq)
-            z_hat = sparse_decode(vals, idx, W, b)
-            empty = torch.zeros(0, dtype=torch.long)
-            prob = _EditProblem(seq, z, valid, empty, torch.zeros(len(seq.tokens), 0), z_hat, torch.zeros(0, W.shape[1]), idx, vals)
-            bank.add(i, idx[valid], vals[valid], self._target_gradients(prob, z_hat, log_odds=floor)[:, valid], self.cfg.keep_positions,
-                     level=self._token_log_odds(prob, z_hat) if floor else None)
+        for i, (idx, vals, grad, level) in enumerate(measured):
+            bank.add(i, idx, vals, grad, self.cfg.keep_positions, level=level if floor else None)
         self.sensitivity = bank
+
+    def _measure_targets(self, seqs: Sequence[EditSequence], codes: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                         log_odds: bool) -> list[tuple[torch.Tensor, ...]]:
+        """Per edit sequence, what ``keep_targets`` stores when an edit is made, under the current
+        decoder: (codes idx and vals of its valid positions [n, k], the gradient of each target
+        token's log-prob (``log_odds``: log-odds) w.r.t. the reconstruction there [n_target, n, d],
+        the tokens' log-odds [n_target]). ``codes``: each sequence's codes at its valid positions
+        (fixed: the model up to the hook and the encoder are frozen; the memory anchors store them),
+        so only the positions before them (``skip_first``) need a pass to the hook. The sequences are
+        one right-padded batch: one forward pass after the hook and one backward pass per target-token
+        number, batched (token j of every sequence at once; the unembedding's part is taken per token
+        first, so the batched pass runs through the blocks only)."""
+        toks, mask = pad_ids(self.model, [s.tokens for s in seqs])
+        valid = valid_positions(*toks.shape, self.cfg.skip_first, toks.device, ~mask)
+        idx = torch.zeros(*toks.shape, self.sae.cfg.k, dtype=torch.long)
+        vals = torch.zeros(*toks.shape, self.sae.cfg.k)
+        for b, (i, v) in enumerate(codes):
+            if len(i) != int(valid[b].sum()):
+                raise ValueError(f"stored codes of {len(i)} positions for an edit sequence with {int(valid[b].sum())} valid positions")
+            idx[b][valid[b]], vals[b][valid[b]] = i, v
+        x = sparse_decode(vals, idx, self.sae.W_dec.detach(), self.sae.b_dec.detach())
+        if self.cfg.skip_first:
+            with self.detached():
+                x[:, : self.cfg.skip_first] = self.site.clean_activation(toks[:, : self.cfg.skip_first]).to(x.dtype)
+        n_t = len(seqs[0].target_ids)
+        if any(len(s.target_ids) != n_t for s in seqs):
+            raise ValueError("_measure_targets takes sequences with the same number of target tokens")
+        pos = torch.stack([s.target_positions for s in seqs])
+        tgt = torch.stack([s.target_ids for s in seqs]).flatten()
+        x.requires_grad_(True)
+        with torch.enable_grad(), self.detached():
+            h = self.site.final_resid(x, toks, pos)  # [B, n_t, d_model]
+            h_leaf = h.detach().requires_grad_(True)
+            logits = final_logits(self.model, h_leaf).float().flatten(0, 1)  # [B*n_t, vocab]
+            lp = _log_odds(logits, tgt) if log_odds else logits.log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
+            (g_h,) = torch.autograd.grad(lp.sum(), h_leaf)  # each row's own score: rows are independent
+            picks = torch.eye(n_t, dtype=h.dtype)[:, None, :, None] * g_h[None]  # [n_t, B, n_t, d]: token j of every sequence
+            (grad,) = torch.autograd.grad(h, x, grad_outputs=picks, is_grads_batched=True)  # [n_t, B, seq, d]
+        level = _log_odds(logits.detach(), tgt).view(len(seqs), n_t)
+        return [(codes[b][0], codes[b][1], grad[:, b][:, valid[b]].detach().float(), level[b]) for b in range(len(seqs))]
 
     def rollback(self, n_edits: int) -> None:
         if not 0 <= n_edits <= self.n_edits:

@@ -405,23 +405,55 @@ def test_keep_floor_tracks_levels_and_persists_bitwise(tiny_model, tiny_sae, ref
 
 
 def test_refresh_every_re_measures_the_sensitivities(tiny_model, tiny_sae, reference_texts):
-    """refresh_every=2: after the 2nd edit the bank holds, for both edits, the log-odds measured at
-    the current decoder (no drift left); after the 3rd only its own drift on top."""
+    """refresh_every=2: the refresh due after the 2nd edit is made when the 3rd starts (none is
+    wasted after a stream's last edit): after the 3rd edit the first two edits' levels are those
+    measured at the decoder the 2nd edit left (no drift left) plus the 3rd edit's own drift."""
     from microedit_lens.editor import tokenize_request
     from microedit_lens.methods.microedit import _log_odds
 
     ed = make_editor(tiny_model, tiny_sae, reference_texts, row_update="minimal", keep_floor=3.0, refresh_every=2, keep_targets=1000, target_margin=0.5)
     ed.edit(REQS[:2])
-    assert len(ed.sensitivity) == 2 and all(len(t) == 0 for t, _ in ed.sensitivity._drift)
+    assert len(ed.sensitivity) == 2
     measured = []
     for r in REQS[:2]:
         seq = tokenize_request(ed.model, r)
         with ed.attached(), ed.switch.mode_as("always"), torch.no_grad():
             logits = ed.model(seq.tokens[None])[0, seq.target_positions]
         measured.append(_log_odds(logits.float(), seq.target_ids))
-    torch.testing.assert_close(ed.sensitivity.levels().float(), torch.cat(measured), rtol=1e-3, atol=1e-3)
+    measured = torch.cat(measured)
     ed.edit(REQS[2])
-    assert len(ed.sensitivity) == 3
+    bank = ed.sensitivity
+    assert len(bank) == 3 and len(bank._drift[0][0]) == 0 and len(bank._drift[1][0]) == 0
+    token, change = bank._drift[2]
+    before_third = bank.levels().index_add(0, token, -change)[: len(measured)]
+    torch.testing.assert_close(before_third.float(), measured, rtol=1e-3, atol=1e-3)
+    ed.detach()
+
+
+def test_refresh_measures_what_an_edit_stores(tiny_model, tiny_sae, reference_texts):
+    """The batched re-measurement (stored codes, sequences grouped by target length) gives, per
+    edit, the gradients and log-odds the one-sequence path measures at the same decoder."""
+    from microedit_lens.editor import tokenize_request
+    from microedit_lens.methods.microedit import _EditProblem
+    from microedit_lens.switch import sparse_decode
+
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, row_update="minimal", keep_floor=3.0, keep_targets=1000, target_margin=0.5)
+    reqs = [EditRequest("the cat sat on the", "mat and then ran off"), *REQS[:3], EditRequest("a b c", "d")]
+    ed.edit(reqs)
+    assert len({len(tokenize_request(ed.model, r).target_ids) for r in reqs}) > 1
+    ed.refresh_sensitivities()
+    W, b = ed.sae.W_dec.detach(), ed.sae.b_dec.detach()
+    for i, r in enumerate(reqs):
+        seq = tokenize_request(ed.model, r)
+        z, valid, vals, idx = ed._sequence_codes(seq)
+        z_hat = sparse_decode(vals, idx, W, b)
+        prob = _EditProblem(seq, z, valid, torch.zeros(0, dtype=torch.long), torch.zeros(len(seq.tokens), 0), z_hat,
+                            torch.zeros(0, W.shape[1]), idx, vals)
+        grad = ed._target_gradients(prob, z_hat, log_odds=True)[:, valid]
+        got_idx, got_vals, got_grad, got_level = ed._measure_targets([seq], [ed.memory.codes(i)], log_odds=True)[0]
+        assert torch.equal(got_idx, idx[valid]) and torch.equal(got_vals, vals[valid])
+        torch.testing.assert_close(got_grad, grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_level, ed._token_log_odds(prob, z_hat), rtol=1e-4, atol=1e-5)
     ed.detach()
 
 
