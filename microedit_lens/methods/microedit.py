@@ -666,13 +666,26 @@ class MicroEditor(EditMethod):
         def P(At: torch.Tensor) -> torch.Tensor:
             return torch.cholesky_solve(At, L) - X @ torch.linalg.solve(M, X.T @ At)
 
+        return self._hold_threatened(sens, P, dR)
+
+    def _hold_threatened(self, sens: SelectedSensitivities, P: Any, base: torch.Tensor,
+                         own: "_Constraints | None" = None, ask: torch.Tensor | None = None) -> torch.Tensor:
+        """``base`` plus the least correction (metric ``P^-1``) that raises the edit's own tokens by
+        ``ask`` (``own``, if given) and takes the earlier target tokens the result would lower most (up
+        to ``keep_targets``; with ``keep_floor``: those it would take below the floor) where they
+        must be (:meth:`_held_change`). A correction can push other earlier tokens down, so the set is
+        re-checked twice, each time solved from ``base`` with every token chosen so far."""
+        new = base if own is None else base + self._solve_constraints(own, P, ask)
         chosen = torch.zeros(0, dtype=torch.long)
-        for _ in range(3):  # a correction can push other tokens down: re-check twice
-            chosen, grew = self._more_threatened(sens, dR, chosen)
+        for _ in range(3):
+            chosen, grew = self._more_threatened(sens, new, chosen)
             if not grew:
                 break
-            dR = dR + self._solve_constraints(_Constraints.held(sens.subset(chosen)), P, self._held_change(sens, chosen) - sens.change(dR)[chosen])
-        return dR
+            cons, rhs = _Constraints.held(sens.subset(chosen)), self._held_change(sens, chosen) - sens.change(base)[chosen]
+            if own is not None:
+                cons, rhs = own.concat(cons), torch.cat([ask, rhs])
+            new = base + self._solve_constraints(cons, P, rhs)
+        return new
 
     def _more_threatened(self, sens: SelectedSensitivities, dR: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``chosen`` plus the earlier target tokens (up to ``keep_targets`` in all) that ``dR`` lowers
@@ -774,14 +787,7 @@ class MicroEditor(EditMethod):
             # from the unconstrained point: a fresh solve keeps only what the constraints linearised *here* see, and at a
             # point where the edit has its margin the target's gradient no longer sees the suppressed
             # competitors, so it could undo the edit (docs/METHOD.md)
-            new = dR + self._solve_constraints(own, P, ask)
-            chosen = torch.zeros(0, dtype=torch.long)
-            for _ in range(3):  # as in _keep_targets: a correction can push other tokens down
-                chosen, grew = self._more_threatened(sens, new, chosen)
-                if not grew:
-                    break
-                both = own.concat(_Constraints.held(sens.subset(chosen)))
-                new = dR + self._solve_constraints(both, P, torch.cat([ask, self._held_change(sens, chosen) - sens.change(dR)[chosen]]))
+            new = self._hold_threatened(sens, P, dR, own, ask)
         return new
 
     def _weigh_ard(self, sys_: "_MinimalSystem", own: "_Constraints", dR: torch.Tensor, ask: torch.Tensor, lam: float,
