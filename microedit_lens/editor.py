@@ -253,13 +253,14 @@ class CodeBank:
 
     def codes(self, group: int) -> tuple[Int[torch.Tensor, "n k"], Float[torch.Tensor, "n k"]]:
         """The codes (idx, vals) of the positions stored for ``group`` (its first entry)."""
-        if "_first" not in self._joined:
-            first: dict[int, int] = {}
-            for i, g in enumerate(self._group):
-                first.setdefault(g, i)
-            self._joined["_first"] = first  # type: ignore[assignment]
-        i = self._joined["_first"].get(group)  # type: ignore[union-attr]
-        if i is None:
+        if "_first" not in self._joined:  # group -> its first entry (-1: none)
+            first = torch.full((max(self._group, default=-1) + 1,), -1, dtype=torch.long)
+            for i in reversed(range(len(self._group))):
+                first[self._group[i]] = i
+            self._joined["_first"] = first
+        first = self._joined["_first"]
+        i = int(first[group]) if 0 <= group < len(first) else -1
+        if i < 0:
             raise KeyError(f"no positions stored for edit {group}")
         return self._data["idx"][i].long(), self._data["vals"][i]
 
