@@ -677,11 +677,13 @@ class MicroEditor(EditMethod):
         re-checked twice, each time solved from ``base`` with every token chosen so far."""
         new = base if own is None else base + self._solve_constraints(own, P, ask)
         chosen = torch.zeros(0, dtype=torch.long)
+        at_base = None
         for _ in range(3):
             chosen, grew = self._more_threatened(sens, new, chosen)
             if not grew:
                 break
-            cons, rhs = _Constraints.held(sens.subset(chosen)), self._held_change(sens, chosen) - sens.change(base)[chosen]
+            at_base = sens.change(base) if at_base is None else at_base
+            cons, rhs = _Constraints.held(sens.subset(chosen)), self._held_change(sens, chosen) - at_base[chosen]
             if own is not None:
                 cons, rhs = own.concat(cons), torch.cat([ask, rhs])
             new = base + self._solve_constraints(cons, P, rhs)
