@@ -66,8 +66,8 @@ ROW_UPDATES = ("projected", "minimal", "gradient")
 FLOOR_REPAIR_NATS = 1.0
 """``keep_floor``: the most one edit raises an earlier token's estimated log-odds back towards the floor."""
 REFRESH_BATCH_ATOMS = 8192
-"""Re-measuring sensitivities: sequences are batched while (sequences x longest x most target tokens),
-the size of the batched backward pass, stays within this."""
+"""Re-measuring sensitivities: sequences with the same number of target tokens are batched while
+(sequences x longest x target tokens), the size of the batched backward pass, stays within this."""
 
 
 @dataclass
