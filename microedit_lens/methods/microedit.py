@@ -877,7 +877,8 @@ class MicroEditor(EditMethod):
     def _rebuild_sensitivities(self, requests: Sequence[EditRequest]) -> None:
         floor = self.cfg.keep_floor is not None
         seqs = [tokenize_request(self.model, r) for r in requests]
-        measured: list[tuple[torch.Tensor, ...]] = [()] * len(seqs)
+        codes = [self.memory.codes(i) for i in range(len(seqs))]
+        measured: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0), torch.zeros(0))] * len(seqs)
         # batches of sequences with the same number of target tokens (the batched backward pass has
         # one row per target-token number), at most REFRESH_BATCH_ATOMS (sequences x length x tokens)
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].target_ids), len(seqs[i].tokens)))
@@ -888,20 +889,20 @@ class MicroEditor(EditMethod):
                    and (end + 1 - start) * len(seqs[order[end]].tokens) * n_t <= REFRESH_BATCH_ATOMS):
                 end += 1
             batch = order[start:end]
-            for i, m in zip(batch, self._measure_targets([seqs[i] for i in batch], [self.memory.codes(i) for i in batch], log_odds=floor)):
+            for i, m in zip(batch, self._measure_targets([seqs[i] for i in batch], [codes[i] for i in batch], log_odds=floor)):
                 measured[i] = m
             start = end
         bank = SensitivityBank(self.sae.cfg.d_in, self.sae.cfg.k)
-        for i, (idx, vals, grad, level) in enumerate(measured):
+        for i, ((idx, vals), (grad, level)) in enumerate(zip(codes, measured)):
             bank.add(i, idx, vals, grad, self.cfg.keep_positions, level=level if floor else None)
         self.sensitivity = bank
 
     def _measure_targets(self, seqs: Sequence[EditSequence], codes: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                         log_odds: bool) -> list[tuple[torch.Tensor, ...]]:
-        """Per edit sequence, what ``keep_targets`` stores when an edit is made, under the current
-        decoder: (codes idx and vals of its valid positions [n, k], the gradient of each target
-        token's log-prob (``log_odds``: log-odds) w.r.t. the reconstruction there [n_target, n, d],
-        the tokens' log-odds [n_target]). ``codes``: each sequence's codes at its valid positions
+                         log_odds: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per edit sequence, what ``keep_targets`` measures when an edit is made, under the current
+        decoder: (the gradient of each target token's log-prob (``log_odds``: log-odds) w.r.t. the
+        reconstruction at its valid positions [n_target, n, d], the tokens' log-odds [n_target]).
+        ``codes``: each sequence's codes (idx, vals [n, k]) at its valid positions
         (fixed: the model up to the hook and the encoder are frozen; the memory anchors store them),
         so only the positions before them (``skip_first``) need a pass to the hook. The sequences are
         one right-padded batch: one forward pass after the hook and one backward pass per target-token
@@ -934,7 +935,7 @@ class MicroEditor(EditMethod):
             picks = torch.eye(n_t, dtype=h.dtype)[:, None, :, None] * g_h[None]  # [n_t, B, n_t, d]: token j of every sequence
             (grad,) = torch.autograd.grad(h, x, grad_outputs=picks, is_grads_batched=True)  # [n_t, B, seq, d]
         level = _log_odds(logits.detach(), tgt).view(len(seqs), n_t)
-        return [(codes[b][0], codes[b][1], grad[:, b][:, valid[b]].detach().float(), level[b]) for b in range(len(seqs))]
+        return [(grad[:, b][:, valid[b]].detach().float(), level[b]) for b in range(len(seqs))]
 
     def rollback(self, n_edits: int) -> None:
         if not 0 <= n_edits <= self.n_edits:

@@ -450,8 +450,9 @@ def test_refresh_measures_what_an_edit_stores(tiny_model, tiny_sae, reference_te
         prob = _EditProblem(seq, z, valid, torch.zeros(0, dtype=torch.long), torch.zeros(len(seq.tokens), 0), z_hat,
                             torch.zeros(0, W.shape[1]), idx, vals)
         grad = ed._target_gradients(prob, z_hat, log_odds=True)[:, valid]
-        got_idx, got_vals, got_grad, got_level = ed._measure_targets([seq], [ed.memory.codes(i)], log_odds=True)[0]
-        assert torch.equal(got_idx, idx[valid]) and torch.equal(got_vals, vals[valid])
+        stored_idx, stored_vals = ed.memory.codes(i)
+        assert torch.equal(stored_idx, idx[valid]) and torch.equal(stored_vals, vals[valid])
+        got_grad, got_level = ed._measure_targets([seq], [(stored_idx, stored_vals)], log_odds=True)[0]
         torch.testing.assert_close(got_grad, grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got_level, ed._token_log_odds(prob, z_hat), rtol=1e-4, atol=1e-5)
     ed.detach()
