@@ -432,8 +432,9 @@ def test_refresh_every_re_measures_the_sensitivities(tiny_model, tiny_sae, refer
 
 def test_refresh_measures_what_an_edit_stores(tiny_model, tiny_sae, reference_texts):
     """The batched re-measurement (stored codes, sequences grouped by target length) gives, per
-    edit, the gradients and log-odds the one-sequence path measures at the same decoder."""
-    from microedit_lens.editor import tokenize_request
+    edit, the gradients and log-odds the one-sequence path measures at the same decoder, and the
+    refreshed bank is the bank those one-sequence measurements make."""
+    from microedit_lens.editor import SensitivityBank, tokenize_request
     from microedit_lens.methods.microedit import _EditProblem
     from microedit_lens.switch import sparse_decode
 
@@ -443,6 +444,7 @@ def test_refresh_measures_what_an_edit_stores(tiny_model, tiny_sae, reference_te
     assert len({len(tokenize_request(ed.model, r).target_ids) for r in reqs}) > 1
     ed.refresh_sensitivities()
     W, b = ed.sae.W_dec.detach(), ed.sae.b_dec.detach()
+    expected = SensitivityBank(ed.sae.cfg.d_in, ed.sae.cfg.k)
     for i, r in enumerate(reqs):
         seq = tokenize_request(ed.model, r)
         z, valid, vals, idx = ed._sequence_codes(seq)
@@ -455,6 +457,12 @@ def test_refresh_measures_what_an_edit_stores(tiny_model, tiny_sae, reference_te
         got_grad, got_level = ed._measure_targets([seq], [(stored_idx, stored_vals)], log_odds=True)[0]
         torch.testing.assert_close(got_grad, grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got_level, ed._token_log_odds(prob, z_hat), rtol=1e-4, atol=1e-5)
+        expected.add(i, idx[valid], vals[valid], grad, ed.cfg.keep_positions, level=ed._token_log_odds(prob, z_hat))
+    bank = ed.sensitivity
+    for name in ("idx", "vals", "token"):
+        assert torch.equal(bank._cat(name), expected._cat(name)), name
+    torch.testing.assert_close(bank._cat("grad").float(), expected._cat("grad").float(), rtol=1e-2, atol=1e-4)  # stored in bf16
+    torch.testing.assert_close(bank.levels(), expected.levels(), rtol=1e-4, atol=1e-5)
     ed.detach()
 
 
