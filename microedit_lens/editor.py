@@ -6,6 +6,8 @@
 * :class:`RowHistory`: per-edit sparse decoder-row snapshots; exact (bitwise) undo and rollback.
 * :class:`AnchorBank`: reconstructions to preserve (earlier edits' tokens, reference text), stored as
   the SAE's sparse codes so the change a row update causes is a cheap sparse matmul.
+* :class:`MemoryBank`: the earlier edits' anchors plus each position's reconstruction error when it
+  was stored, so that every earlier edit's ARD under any row change is exact (:class:`SelectedScope`).
 """
 
 from __future__ import annotations
@@ -308,13 +310,111 @@ class AnchorBank(CodeBank):
         sel, idx, vals, A = self._hits(rows)
         target, weight = self._cat("target")[sel], self._cat("weight")[sel]
         n_sel = len(sel)
-        # current reconstruction of the selected positions as one sparse x dense matmul (no [n, k, d]
-        # gather): codes C [n_sel, d_sae] @ W_dec + b_dec
-        rows_all = torch.arange(n_sel).repeat_interleave(idx.shape[1])
-        C = torch.sparse_coo_tensor(torch.stack([rows_all, idx.reshape(-1)]), vals.reshape(-1).to(W_dec.dtype),
-                                    (n_sel, W_dec.shape[0]), check_invariants=False)
-        residual = (torch.sparse.mm(C, W_dec) + b_dec - target) if n_sel else torch.zeros(0, self.d)
+        residual = (self._reconstruct(idx, vals, W_dec, b_dec) - target) if n_sel else torch.zeros(0, self.d)
         return SelectedAnchors(A, residual.float(), weight, sel)
+
+    @staticmethod
+    def _reconstruct(idx: Int[torch.Tensor, "n k"], vals: Float[torch.Tensor, "n k"], W_dec: torch.Tensor, b_dec: torch.Tensor) -> Float[torch.Tensor, "n d"]:
+        """Reconstructions of stored codes as one sparse x dense matmul (no [n, k, d] gather):
+        codes C [n, d_sae] @ W_dec + b_dec."""
+        n = idx.shape[0]
+        rows_all = torch.arange(n).repeat_interleave(idx.shape[1])
+        C = torch.sparse_coo_tensor(torch.stack([rows_all, idx.reshape(-1).long()]), vals.reshape(-1).to(W_dec.dtype),
+                                    (n, W_dec.shape[0]), check_invariants=False)
+        return torch.sparse.mm(C, W_dec) + b_dec
+
+
+@dataclass
+class SelectedScope:
+    """The earlier edits whose positions use the rows being trained, with what decides their routing:
+    edit ``j``'s ARD under a row change ``dR`` is exactly
+    ``ard_j + sum_{p in j} weight_p (||error_p + A_p dR||^2 - ||error_p||^2)`` (``weight_p`` =
+    ``1 / (alpha * S_j)``; positions of the edit that use none of the rows do not change)."""
+
+    A: torch.Tensor  # sparse [n_sel, m]
+    error: Float[torch.Tensor, "n_sel d"]
+    """Current reconstruction error (``z_hat - z``) of each selected position."""
+    weight: Float[torch.Tensor, " n_sel"]
+    constraint: Int[torch.Tensor, " n_sel"]  # 0..n_constraints-1: which earlier edit
+    ard: Float[torch.Tensor, " n_constraints"]
+    """Each selected edit's current ARD (all its positions; float64)."""
+    edit: Int[torch.Tensor, " n_constraints"]
+    """Each constraint's edit number."""
+
+    @property
+    def n_constraints(self) -> int:
+        return int(self.ard.shape[0])
+
+    def after(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " n_constraints"]:
+        """Every selected edit's ARD after the row change ``dR`` (exact)."""
+        change = torch.sparse.mm(self.A.to(dR.dtype), dR)
+        e = self.error.to(dR.dtype)
+        per = self.weight.to(dR.dtype) * ((2 * e + change) * change).sum(-1)
+        return self.ard.to(dR.dtype).index_add(0, self.constraint, per)
+
+    def gradient(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, "n_sel d"]:
+        """Per selected position, the gradient of its edit's ARD w.r.t. the position's reconstruction
+        at the row change ``dR`` (``2 weight_p (error_p + A_p dR)``)."""
+        e = self.error.to(dR.dtype) + torch.sparse.mm(self.A.to(dR.dtype), dR)
+        return 2 * self.weight.to(dR.dtype)[:, None] * e
+
+
+class MemoryBank(AnchorBank):
+    """Earlier edits' positions: anchors (code, reconstruction when stored, weight) plus the
+    reconstruction error ``z_hat - z`` when stored (float16), from which :meth:`scope` computes every
+    earlier edit's current ARD without an LLM pass (codes are fixed, so ``z`` is too). Banks saved
+    before errors were stored load with ``has_errors = False``."""
+
+    fields = ("target", "weight", "error")
+
+    def __init__(self, d: int, k: int) -> None:
+        super().__init__(d, k)
+        self.has_errors = True
+
+    def add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, target: torch.Tensor, weight: float,
+            error: torch.Tensor | None = None) -> None:
+        """One edit's positions (idx/vals [n, k]), their reconstruction ``target`` [n, d] and its error
+        ``target - z`` [n, d] (``None``: unknown; :meth:`scope` then refuses)."""
+        if error is None:
+            self.has_errors = False
+            error = torch.full_like(target, float("nan"))
+        self._add(group, idx, vals, target=target.float(), weight=torch.full((idx.shape[0],), float(weight)),
+                  error=error.to(torch.float16))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, d: int, k: int) -> "MemoryBank":
+        known = f"{prefix}.error" in tensors or f"{prefix}.sizes" not in tensors
+        if not known:
+            tensors = {**tensors, f"{prefix}.error": torch.full_like(tensors[f"{prefix}.target"], float("nan"), dtype=torch.float16)}
+        bank = super().from_tensors(tensors, prefix, d, k)
+        assert isinstance(bank, MemoryBank)
+        bank.has_errors = known
+        return bank
+
+    @torch.no_grad()
+    def scope(self, rows: Int[torch.Tensor, " m"], W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: float) -> SelectedScope:
+        """The earlier edits with a position that uses any of ``rows`` (sorted), their current ARD
+        (``sum_s ||z_hat_s - z_s||^2 / (alpha S)`` over the positions stored for them) and, for their
+        positions that use the rows, the code on the rows and the current error."""
+        m = rows.shape[0]
+        if not self.has_errors:
+            raise ValueError("this editor's memory has no stored reconstruction errors (made before keep_scope existed); "
+                             "keep_scope needs them from the first edit on")
+        if len(self) == 0:
+            return SelectedScope(_empty_sparse(m), torch.zeros(0, self.d), torch.zeros(0), torch.zeros(0, dtype=torch.long),
+                                 torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+        sel, _, _, A = self._hits(rows)
+        group_of = self._group_of_positions()
+        involved, constraint = torch.unique(group_of[sel], return_inverse=True)
+        pos = torch.isin(group_of, involved).nonzero().squeeze(1)  # every position of those edits
+        err = (self._reconstruct(self._cat("idx")[pos], self._cat("vals")[pos], W_dec, b_dec)
+               - self._cat("target")[pos] + self._cat("error")[pos].to(W_dec.dtype)).double()
+        w = self._cat("weight")[pos].double() / alpha
+        ard = torch.zeros(len(involved), dtype=torch.float64).index_add_(
+            0, torch.searchsorted(involved, group_of[pos]), w * (err**2).sum(-1))
+        at = torch.searchsorted(pos, sel)  # the selected positions among pos
+        edit = torch.tensor(self._group, dtype=torch.long)[involved]
+        return SelectedScope(A, err[at].float(), w[at].float(), constraint, ard, edit)
 
 
 @dataclass

@@ -50,8 +50,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 
-from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, RowHistory, SelectedSensitivities, SensitivityBank, batch_tokens,
-                                   largest_gradient_positions, pad_ids, tokenize_request)
+from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, MemoryBank, RowHistory, SelectedScope, SelectedSensitivities,
+                                   SensitivityBank, batch_tokens, largest_gradient_positions, pad_ids, tokenize_request)
 from microedit_lens.methods.base import EditMethod, register_method
 from microedit_lens.metrics import logits_at
 from microedit_lens.models import final_logits
@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 ROW_UPDATES = ("projected", "minimal", "gradient")
 FLOOR_REPAIR_NATS = 1.0
 """``keep_floor``: the most one edit raises an earlier token's estimated log-odds back towards the floor."""
+SCOPE_REPAIR = 0.05
+"""``keep_scope``: the most one edit lowers an earlier edit's ARD back towards the ceiling, as a share of tau."""
 REFRESH_BATCH_ATOMS = 8192
 """Re-measuring sensitivities: sequences with the same number of target tokens are batched while
 (sequences x longest x target tokens), the size of the batched backward pass, stays within this."""
@@ -160,6 +162,13 @@ class MicroEditConfig:
     edit); tokens that stay above it are free. The stored gradients are then those of the log-odds.
     Must be set from an editor's first edit. ``None``: the zero-change holds (the default before
     session 7; it is what works with ``row_update="projected"``, where the floor measured no gain)."""
+    keep_scope: float | None = None
+    """Keep every earlier edit in scope: its sequence's ARD (exact, from the codes and the error the
+    memory stores) may not rise above ``keep_scope * tau`` under a row update (a first-order
+    constraint, like ``keep_floor``'s, added to the held steps; an edit already above it is lowered,
+    by at most ``SCOPE_REPAIR * tau`` per edit). Later edits otherwise raise earlier edits' ARD
+    (ZsRE, 900 edits: median ARD/tau 0.54 when made, 0.82 after; 10% above tau, off the switch).
+    Must be set from an editor's first edit (the memory stores the errors from then on). ``None``: off."""
     max_latent_rate: float | None = None
     """Train only latents that fire on at most this share of reference tokens (measured by
     :meth:`MicroEditor.calibrate`); frequent 'format' latents are then left to every input alike.
@@ -208,6 +217,8 @@ class MicroEditConfig:
             raise ValueError(f"keep_floor must be finite or None, got {self.keep_floor}")
         if not self.ridge > 0:
             raise ValueError(f"ridge must be positive, got {self.ridge}")
+        if self.keep_scope is not None and not 0.0 < self.keep_scope <= 1.0:
+            raise ValueError(f"keep_scope must be in (0, 1] or None, got {self.keep_scope}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,7 +232,8 @@ class MicroEditConfig:
 
 _ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False, "repair_rate": 1.0,
                                                     "track_tau_floor": False, "minimal_steps": 10, "minimal_step_nats": 4.0,
-                                                    "keep_floor": None, "refresh_every": 0, "own_positions": None})
+                                                    "keep_floor": None, "refresh_every": 0, "own_positions": None,
+                                                    "keep_scope": None})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
@@ -259,6 +271,13 @@ class _EditProblem:
     vals: torch.Tensor  # [seq, k]
     anchors: list[tuple[float, Any]] = field(default_factory=list)
     sensitivities: SelectedSensitivities | None = None
+    scope: SelectedScope | None = None
+    """With ``keep_scope``: the earlier edits that use the trained rows, and their ARD."""
+
+    @property
+    def holds(self) -> bool:
+        """Whether there is anything of earlier edits for a held step to keep."""
+        return any(c is not None and c.n_constraints > 0 for c in (self.sensitivities, self.scope))
 
 
 class MicroEditor(EditMethod):
@@ -287,7 +306,7 @@ class MicroEditor(EditMethod):
         self.switch = SwitchedSAE(self.sae, tau=tau, alpha=self.cfg.alpha, skip_first=self.cfg.skip_first)
         d, k = self.sae.cfg.d_in, self.sae.cfg.k
         self.history = RowHistory()
-        self.memory = AnchorBank(d, k)
+        self.memory = MemoryBank(d, k)
         self.reference = AnchorBank(d, k)
         self.sensitivity = SensitivityBank(d, k)
         self.results: list[EditResult] = []
@@ -520,6 +539,8 @@ class MicroEditor(EditMethod):
                 prob.anchors.append((weight, bank.select(rows, W, b)))
         if self._keeps_targets and len(self.sensitivity):
             prob.sensitivities = self.sensitivity.select(rows)
+        if self.cfg.keep_scope is not None and len(self.memory):
+            prob.scope = self.memory.scope(rows, W, b, self.cfg.alpha)
         return prob
 
     @property
@@ -613,8 +634,8 @@ class MicroEditor(EditMethod):
         M.diagonal().add_(1e-10 * float(M.diagonal().mean()))
         nu = torch.linalg.solve(M, D + Ae @ y)
         dR = X @ nu - y
-        if prob.sensitivities is not None and prob.sensitivities.n_constraints:
-            dR = self._keep_targets(prob.sensitivities, dR, L, X, Ae, M)
+        if prob.holds:
+            dR = self._keep_targets(prob, dR, L, X, Ae, M)
         return _rows_after(prob, dR)
 
     def _anchor_system(self, prob: _EditProblem) -> tuple[Float[torch.Tensor, "m m"], Float[torch.Tensor, "m d"]]:
@@ -655,7 +676,7 @@ class MicroEditor(EditMethod):
         Z = torch.zeros(cons.At.shape[1], cons.G.shape[1], dtype=torch.float64).index_add_(0, cons.atom, lam[seg][:, None] * cons.G)
         return PA @ Z
 
-    def _keep_targets(self, sens: SelectedSensitivities, dR: torch.Tensor, L: torch.Tensor, X: torch.Tensor, Ae: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    def _keep_targets(self, prob: _EditProblem, dR: torch.Tensor, L: torch.Tensor, X: torch.Tensor, Ae: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
         """Add to the projected update the least (in the projection's metric) correction that zeroes
         the first-order log-prob change of the earlier target tokens it would lower most.
 
@@ -666,28 +687,63 @@ class MicroEditor(EditMethod):
         def P(At: torch.Tensor) -> torch.Tensor:
             return torch.cholesky_solve(At, L) - X @ torch.linalg.solve(M, X.T @ At)
 
-        return self._hold_threatened(sens, P, dR)
+        return self._hold_threatened(prob, P, dR)
 
-    def _hold_threatened(self, sens: SelectedSensitivities, P: Any, base: torch.Tensor,
+    def _hold_threatened(self, prob: _EditProblem, P: Any, base: torch.Tensor,
                          own: "_Constraints | None" = None, ask: torch.Tensor | None = None) -> torch.Tensor:
         """``base`` plus the least correction (metric ``P^-1``) that raises the edit's own tokens by
-        ``ask`` (``own``, if given) and takes the earlier target tokens the result would lower most (up
+        ``ask`` (``own``, if given), takes the earlier target tokens the result would lower most (up
         to ``keep_targets``; with ``keep_floor``: those it would take below the floor) where they
-        must be (:meth:`_held_change`). A correction can push other earlier tokens down, so the set is
-        re-checked twice, each time solved from ``base`` with every token chosen so far."""
+        must be (:meth:`_held_change`) and, with ``keep_scope``, keeps the earlier edits whose ARD it
+        would take above their ceiling at it (:meth:`_scope_targets`). A correction can push other
+        earlier tokens or edits out, so the sets are re-checked twice, each time solved from ``base``
+        with everything chosen so far (the ARD, quadratic in the rows, linearised at the last result)."""
+        sens, scope = prob.sensitivities, prob.scope
         new = base if own is None else base + self._solve_constraints(own, P, ask)
-        chosen = torch.zeros(0, dtype=torch.long)
+        chosen = held_scope = torch.zeros(0, dtype=torch.long)
         at_base = None
+        scope_target = None if scope is None else self._scope_targets(scope)
         for _ in range(3):
-            chosen, grew = self._more_threatened(sens, new, chosen)
+            grew = False
+            if sens is not None and sens.n_constraints:
+                chosen, grew = self._more_threatened(sens, new, chosen)
+            if scope is not None and scope.n_constraints:
+                held_scope, grew_scope = self._more_out_of_scope(scope, scope_target, new, held_scope)
+                grew = grew or grew_scope
             if not grew:
                 break
-            at_base = sens.change(base) if at_base is None else at_base
-            cons, rhs = _Constraints.held(sens.subset(chosen)), self._held_change(sens, chosen) - at_base[chosen]
-            if own is not None:
-                cons, rhs = own.concat(cons), torch.cat([ask, rhs])
+            parts = [] if own is None else [(own, ask)]
+            if len(chosen):
+                at_base = sens.change(base) if at_base is None else at_base
+                parts.append((_Constraints.held(sens.subset(chosen)), self._held_change(sens, chosen) - at_base[chosen]))
+            if len(held_scope):
+                # ARD(base + c) ~ ARD(new) + <grad ARD(new), base + c - new> = target, in units of tau
+                # (the constraint solve's eigenvalue cut-off is relative: keep its scale near the tokens')
+                lin = _Constraints.scope(scope, held_scope, new, scale=1.0 / self.switch.tau)
+                parts.append((lin, (scope_target[held_scope] - scope.after(new)[held_scope]) / self.switch.tau + lin.change(new - base)))
+            cons, rhs = parts[0]
+            for c, r in parts[1:]:
+                cons, rhs = cons.concat(c), torch.cat([rhs, r])
             new = base + self._solve_constraints(cons, P, rhs)
         return new
+
+    def _more_out_of_scope(self, scope: SelectedScope, target: torch.Tensor, dR: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``chosen`` plus the earlier edits whose ARD after ``dR`` (exact) is above their ``target``,
+        highest first (up to ``keep_targets`` in all, at least 64); and whether any was added or a
+        chosen one is still above its target by more than 0.1% of tau (the linearisation's error)."""
+        after = scope.after(dR)
+        over = after - target
+        off = bool(len(chosen)) and bool((over[chosen] > 1e-3 * self.switch.tau).any())
+        over[chosen] = -math.inf
+        worst = torch.argsort(over, descending=True)[: max(self.cfg.keep_targets, 64) - len(chosen)]
+        worst = worst[over[worst] > 0]
+        return torch.cat([chosen, worst]), len(worst) > 0 or off
+
+    def _scope_targets(self, scope: SelectedScope) -> Float[torch.Tensor, " n_constraints"]:
+        """The most ARD each earlier edit may have after the update: the ``keep_scope`` ceiling or, for
+        an edit above it already, its ARD now less ``SCOPE_REPAIR * tau`` (but not below the ceiling)."""
+        ceiling = self.cfg.keep_scope * self.switch.tau
+        return (scope.ard - SCOPE_REPAIR * self.switch.tau).clamp_min(ceiling)
 
     def _more_threatened(self, sens: SelectedSensitivities, dR: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``chosen`` plus the earlier target tokens (up to ``keep_targets`` in all) that ``dR`` lowers
@@ -734,7 +790,7 @@ class MicroEditor(EditMethod):
         dR = torch.zeros_like(prob.R0, dtype=torch.float64)
         lp, margin = self._margins_at(prob, dR)
         first, n = -float(lp.mean()), 0
-        can_hold = prob.sensitivities is not None and prob.sensitivities.n_constraints > 0
+        can_hold = prob.holds
         hold = False
         for n in range(1, self.cfg.minimal_steps + 1):
             merit = self._minimal_merit(margin, sys_.ard(dR), sys_.ard_goal)
@@ -782,14 +838,13 @@ class MicroEditor(EditMethod):
             if met:
                 break  # else the ARD goal is out of reach with this ask (the weight grew past what float64 resolves): ask for half
         P, ask, new, sys_.lam = best.P, best.ask, best.new, best.lam
-        sens = prob.sensitivities
-        if hold and sens is not None and sens.n_constraints:
+        if hold and prob.holds:
             # a held step corrects the current rows (the least change that raises the target tokens by
             # the ask and takes the chosen earlier tokens where they must be) instead of solving afresh
             # from the unconstrained point: a fresh solve keeps only what the constraints linearised *here* see, and at a
             # point where the edit has its margin the target's gradient no longer sees the suppressed
             # competitors, so it could undo the edit (docs/METHOD.md)
-            new = self._hold_threatened(sens, P, dR, own, ask)
+            new = self._hold_threatened(prob, P, dR, own, ask)
         return new
 
     def _weigh_ard(self, sys_: "_MinimalSystem", own: "_Constraints", dR: torch.Tensor, ask: torch.Tensor, lam: float,
@@ -850,7 +905,8 @@ class MicroEditor(EditMethod):
         self._touched[prob.rows] = True
         self._retrack_tau()
         v = prob.valid
-        self.memory.add(index, prob.idx[v], prob.vals[v], z_hat[v].detach(), weight=1.0 / int(v.sum()))
+        self.memory.add(index, prob.idx[v], prob.vals[v], z_hat[v].detach(), weight=1.0 / int(v.sum()),
+                        error=(z_hat[v] - prob.z[0, v]).detach())
         if self._keeps_targets:
             floor = self.cfg.keep_floor is not None
             self.sensitivity.add(index, prob.idx[v], prob.vals[v], self._target_gradients(prob, z_hat.detach(), log_odds=floor)[:, v],
@@ -1015,7 +1071,7 @@ class MicroEditor(EditMethod):
             editor._touched[rows] = True
         editor.history = RowHistory.from_tensors(tensors, meta["n_history"])
         d, k = editor.sae.cfg.d_in, editor.sae.cfg.k
-        editor.memory = AnchorBank.from_tensors(tensors, "memory", d, k)
+        editor.memory = MemoryBank.from_tensors(tensors, "memory", d, k)
         editor.reference = AnchorBank.from_tensors(tensors, "reference", d, k)
         editor.sensitivity = SensitivityBank.from_tensors(tensors, "sensitivity", d, k)
         editor.results = [EditResult.from_dict(r) for r in meta["results"]]
@@ -1084,6 +1140,17 @@ class _Constraints:
         n_t, S = g.shape[:2]
         token, atom, G = largest_gradient_positions(g, S if positions is None else positions)
         return cls(Ae.T.contiguous(), Ae.to_sparse(), atom, G.to(torch.float64), token, n_t)
+
+    @classmethod
+    def scope(cls, scope: SelectedScope, chosen: Int[torch.Tensor, " j"], at: Float[torch.Tensor, "m d"], scale: float = 1.0) -> "_Constraints":
+        """``scale`` x the ARD of the ``chosen`` earlier edits (numbered in that order), linearised at
+        the row change ``at`` (one atom per stored position of theirs that uses the rows)."""
+        slot = torch.full((scope.n_constraints,), -1, dtype=torch.long)
+        slot[chosen] = torch.arange(len(chosen))
+        pos = (slot[scope.constraint] >= 0).nonzero().squeeze(1)
+        A = scope.A.index_select(0, pos).coalesce().to(torch.float64)
+        G = scope.gradient(at)[pos] if len(pos) else torch.zeros(0, at.shape[1], dtype=torch.float64)
+        return cls(A.to_dense().T.contiguous(), A, torch.arange(A.shape[0]), scale * G.to(torch.float64), slot[scope.constraint[pos]], len(chosen))
 
     def concat(self, other: "_Constraints") -> "_Constraints":
         """These constraints followed by ``other``'s (numbered after them)."""

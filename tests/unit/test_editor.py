@@ -758,3 +758,56 @@ def test_minimal_held_step_corrects_the_current_rows(tiny_model, tiny_sae, refer
     ed.edit(REQS[2])
     assert checked and max(checked) < 1e-12
     ed.detach()
+
+
+def test_keep_scope_knows_earlier_edits_ard_and_holds_it_down(tiny_model, tiny_sae, reference_texts, tmp_path):
+    """keep_scope: the memory gives every earlier edit's ARD under the current decoder exactly (from
+    stored codes and errors, no LLM pass), and under any row change; with a ceiling below every earlier
+    edit's ARD the next edit leaves them lower than it does without one. Editors saved before the
+    errors were stored load, and refuse keep_scope with a clear error."""
+    from microedit_lens.editor import tokenize_request
+
+    kw = dict(row_update="minimal", keep_floor=None, keep_targets=1000, target_margin=0.5)
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, keep_scope=1.0, **kw)
+    ed.edit(REQS[:2])
+
+    def true_ard(req):
+        prob = MicroEditor._problem(ed, tokenize_request(tiny_model, req))
+        return float(ed._objective(prob, prob.R0)[1])
+
+    seen = {}
+
+    def spy(self, seq):
+        seen["prob"] = MicroEditor._problem(self, seq)
+        return seen["prob"]
+
+    before = [true_ard(r) for r in REQS[:2]]
+    ed._problem = spy.__get__(ed)
+    after = {}
+    for ceiling in (None, 0.5 * min(before) / ed.tau):
+        ed.cfg.keep_scope = ceiling
+        ed.edit(REQS[2])
+        after[ceiling] = [true_ard(r) for r in REQS[:2]]
+        if ceiling is not None:
+            break
+        ed.rollback(2)
+    del ed._problem
+    assert sum(after[ceiling]) < sum(after[None])
+    scope = seen["prob"].scope
+    assert scope is not None and scope.n_constraints == 2
+    rows = seen["prob"].rows
+    dR = (ed.sae.W_dec[rows] - seen["prob"].R0).double()
+    for j, e in enumerate(scope.edit.tolist()):
+        assert float(scope.ard[j]) == pytest.approx(before[e], rel=2e-3)  # errors are stored in float16
+        assert float(scope.after(dR)[j]) == pytest.approx(after[ceiling][e], rel=2e-3)
+    ed.detach()
+    path = ed.save(tmp_path / "ed")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path / "state.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "memory.error"}, str(path / "state.safetensors"))
+    old = MicroEditor.load(path, tiny_model, sae=make_tiny_sae(), attach=False)
+    assert not old.memory.has_errors
+    with pytest.raises(ValueError, match="keep_scope"):
+        old.memory.scope(rows, old.sae.W_dec, old.sae.b_dec, old.cfg.alpha)
+    with pytest.raises(ValueError, match="keep_scope"):
+        MicroEditConfig(keep_scope=1.5)
