@@ -341,22 +341,30 @@ class SelectedScope:
     edit: Int[torch.Tensor, " n_constraints"]
     """Each constraint's edit number."""
 
+    _cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    """``A``, ``error`` and ``weight`` in the dtype of the row changes (made once per edit)."""
+
     @property
     def n_constraints(self) -> int:
         return int(self.ard.shape[0])
 
+    def _as(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.A.to(dtype).coalesce(), self.error.to(dtype), self.weight.to(dtype))
+        return self._cast[dtype]
+
     def after(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " n_constraints"]:
         """Every selected edit's ARD after the row change ``dR`` (exact)."""
-        change = torch.sparse.mm(self.A.to(dR.dtype), dR)
-        e = self.error.to(dR.dtype)
-        per = self.weight.to(dR.dtype) * ((2 * e + change) * change).sum(-1)
+        A, e, w = self._as(dR.dtype)
+        change = torch.sparse.mm(A, dR)
+        per = w * ((2 * e + change) * change).sum(-1)
         return self.ard.to(dR.dtype).index_add(0, self.constraint, per)
 
-    def gradient(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, "n_sel d"]:
-        """Per selected position, the gradient of its edit's ARD w.r.t. the position's reconstruction
-        at the row change ``dR`` (``2 weight_p (error_p + A_p dR)``)."""
-        e = self.error.to(dR.dtype) + torch.sparse.mm(self.A.to(dR.dtype), dR)
-        return 2 * self.weight.to(dR.dtype)[:, None] * e
+    def gradient(self, dR: Float[torch.Tensor, "m d"], pos: Int[torch.Tensor, " j"]) -> Float[torch.Tensor, "j d"]:
+        """At selected positions ``pos``, the gradient of their edit's ARD w.r.t. the position's
+        reconstruction at the row change ``dR`` (``2 weight_p (error_p + A_p dR)``)."""
+        A, e, w = self._as(dR.dtype)
+        return 2 * w[pos, None] * (e[pos] + torch.sparse.mm(A.index_select(0, pos), dR))
 
 
 class MemoryBank(AnchorBank):

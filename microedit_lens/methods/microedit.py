@@ -708,7 +708,8 @@ class MicroEditor(EditMethod):
             if sens is not None and sens.n_constraints:
                 chosen, grew = self._more_threatened(sens, new, chosen)
             if scope is not None and scope.n_constraints:
-                held_scope, grew_scope = self._more_out_of_scope(scope, scope_target, new, held_scope)
+                scope_now = scope.after(new)
+                held_scope, grew_scope = self._more_out_of_scope(scope_now - scope_target, held_scope)
                 grew = grew or grew_scope
             if not grew:
                 break
@@ -720,19 +721,17 @@ class MicroEditor(EditMethod):
                 # ARD(base + c) ~ ARD(new) + <grad ARD(new), base + c - new> = target, in units of tau
                 # (the constraint solve's eigenvalue cut-off is relative: keep its scale near the tokens')
                 lin = _Constraints.scope(scope, held_scope, new, scale=1.0 / self.switch.tau)
-                parts.append((lin, (scope_target[held_scope] - scope.after(new)[held_scope]) / self.switch.tau + lin.change(new - base)))
+                parts.append((lin, (scope_target[held_scope] - scope_now[held_scope]) / self.switch.tau + lin.change(new - base)))
             cons, rhs = parts[0]
             for c, r in parts[1:]:
                 cons, rhs = cons.concat(c), torch.cat([rhs, r])
             new = base + self._solve_constraints(cons, P, rhs)
         return new
 
-    def _more_out_of_scope(self, scope: SelectedScope, target: torch.Tensor, dR: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``chosen`` plus the earlier edits whose ARD after ``dR`` (exact) is above their ``target``,
-        highest first (up to ``keep_targets`` in all, at least 64); and whether any was added or a
-        chosen one is still above its target by more than 0.1% of tau (the linearisation's error)."""
-        after = scope.after(dR)
-        over = after - target
+    def _more_out_of_scope(self, over: Float[torch.Tensor, " n_constraints"], chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``chosen`` plus the earlier edits whose ARD after the update is above their target by
+        ``over`` > 0, most first (up to ``keep_targets`` in all, at least 64); and whether any was added
+        or a chosen one is still above its target by more than 0.1% of tau (the linearisation's error)."""
         off = bool(len(chosen)) and bool((over[chosen] > 1e-3 * self.switch.tau).any())
         over[chosen] = -math.inf
         worst = torch.argsort(over, descending=True)[: max(self.cfg.keep_targets, 64) - len(chosen)]
@@ -1149,8 +1148,8 @@ class _Constraints:
         slot[chosen] = torch.arange(len(chosen))
         pos = (slot[scope.constraint] >= 0).nonzero().squeeze(1)
         A = scope.A.index_select(0, pos).coalesce().to(torch.float64)
-        G = scope.gradient(at)[pos] if len(pos) else torch.zeros(0, at.shape[1], dtype=torch.float64)
-        return cls(A.to_dense().T.contiguous(), A, torch.arange(A.shape[0]), scale * G.to(torch.float64), slot[scope.constraint[pos]], len(chosen))
+        G = scope.gradient(at.to(torch.float64), pos)
+        return cls(A.to_dense().T.contiguous(), A, torch.arange(A.shape[0]), scale * G, slot[scope.constraint[pos]], len(chosen))
 
     def concat(self, other: "_Constraints") -> "_Constraints":
         """These constraints followed by ``other``'s (numbered after them)."""
