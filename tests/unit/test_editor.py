@@ -811,3 +811,30 @@ def test_keep_scope_knows_earlier_edits_ard_and_holds_it_down(tiny_model, tiny_s
         old.memory.scope(rows, old.sae.W_dec, old.sae.b_dec, old.cfg.alpha)
     with pytest.raises(ValueError, match="keep_scope"):
         MicroEditConfig(keep_scope=1.5)
+
+
+def test_scope_constraints_keep_the_largest_positions_per_edit():
+    """scope_positions: each constrained earlier edit keeps its p positions with the largest ARD
+    gradient x code norm; without it, every position that uses the rows."""
+    from microedit_lens.editor import SelectedScope
+    from microedit_lens.methods.microedit import _Constraints
+
+    torch.manual_seed(0)
+    n, m, d = 7, 5, 3
+    A = torch.rand(n, m) * (torch.rand(n, m) > 0.4)
+    A[:, 0] += 0.1  # every position uses a row
+    scope = SelectedScope(A.to_sparse(), torch.randn(n, d), torch.rand(n), torch.tensor([0, 0, 0, 1, 1, 2, 2]),
+                          torch.rand(3).double(), torch.tensor([4, 8, 9]))
+    at = torch.zeros(m, d, dtype=torch.float64)
+    chosen = torch.tensor([2, 0])
+    full = _Constraints.scope(scope, chosen, at)
+    assert full.n_constraints == 2 and sorted(full.seg.tolist()) == [0, 0, 1, 1, 1]
+    cut = _Constraints.scope(scope, chosen, at, positions=1)
+    assert sorted(cut.seg.tolist()) == [0, 1]
+    score = (2 * scope.weight[:, None] * scope.error).norm(dim=1) * A.norm(dim=1)
+    for c, members in ((0, [5, 6]), (1, [0, 1, 2])):
+        best = max(members, key=lambda p: score[p])
+        kept = cut.G[cut.seg == c]
+        torch.testing.assert_close(kept[0].float(), 2 * scope.weight[best] * scope.error[best])
+    with pytest.raises(ValueError, match="scope_positions"):
+        MicroEditConfig(scope_positions=0)
