@@ -380,12 +380,9 @@ class MemoryBank(AnchorBank):
         self.has_errors = True
 
     def add(self, group: int, idx: torch.Tensor, vals: torch.Tensor, target: torch.Tensor, weight: float,
-            error: torch.Tensor | None = None) -> None:
+            error: torch.Tensor) -> None:
         """One edit's positions (idx/vals [n, k]), their reconstruction ``target`` [n, d] and its error
-        ``target - z`` [n, d] (``None``: unknown; :meth:`scope` then refuses)."""
-        if error is None:
-            self.has_errors = False
-            error = torch.full_like(target, float("nan"))
+        ``target - z`` [n, d]."""
         self._add(group, idx, vals, target=target.float(), weight=torch.full((idx.shape[0],), float(weight)),
                   error=error.to(torch.float16))
 
@@ -453,10 +450,8 @@ class SelectedSensitivities:
 
     def subset(self, chosen: Int[torch.Tensor, " j"]) -> "SelectedSensitivities":
         """Only the constraints ``chosen``, renumbered ``0..len(chosen)-1`` in that order."""
-        slot = torch.full((self.n_constraints,), -1, dtype=torch.long)
-        slot[chosen] = torch.arange(len(chosen))
-        pos = (slot[self.constraint] >= 0).nonzero().squeeze(1)
-        return SelectedSensitivities(self.A.index_select(0, pos).coalesce(), self.grad[pos], slot[self.constraint[pos]], len(chosen),
+        pos, renumbered = entries_of(self.constraint, self.n_constraints, chosen)
+        return SelectedSensitivities(self.A.index_select(0, pos).coalesce(), self.grad[pos], renumbered, len(chosen),
                                      None if self.token is None else self.token[chosen], None if self.level is None else self.level[chosen])
 
 
@@ -554,6 +549,15 @@ class SensitivityBank(CodeBank):
             token = first[ukey[:, 0]] + ukey[:, 1]
             level = self.levels()[token]
         return SelectedSensitivities(A, self._cat("grad")[sel].float(), constraint, n_c, token, level)
+
+
+def entries_of(constraint: Int[torch.Tensor, " n"], n_constraints: int, chosen: Int[torch.Tensor, " j"]) -> tuple[Int[torch.Tensor, " p"], Int[torch.Tensor, " p"]]:
+    """The entries (positions) whose ``constraint`` is among ``chosen``, in entry order, and their
+    constraint renumbered ``0..len(chosen)-1`` in the order of ``chosen``."""
+    slot = torch.full((n_constraints,), -1, dtype=torch.long)
+    slot[chosen] = torch.arange(len(chosen))
+    pos = (slot[constraint] >= 0).nonzero().squeeze(1)
+    return pos, slot[constraint[pos]]
 
 
 def largest_gradient_positions(grad: Float[torch.Tensor, "n_t n d"], keep: int) -> tuple[Int[torch.Tensor, " j"], Int[torch.Tensor, " j"], Float[torch.Tensor, "j d"]]:

@@ -51,7 +51,7 @@ from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 
 from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, MemoryBank, RowHistory, SelectedScope, SelectedSensitivities,
-                                   SensitivityBank, batch_tokens, largest_gradient_positions, pad_ids, tokenize_request)
+                                   SensitivityBank, batch_tokens, entries_of, largest_gradient_positions, pad_ids, tokenize_request)
 from microedit_lens.methods.base import EditMethod, register_method
 from microedit_lens.metrics import logits_at
 from microedit_lens.models import final_logits
@@ -741,7 +741,7 @@ class MicroEditor(EditMethod):
         ``over`` > 0, most first (up to ``keep_targets`` in all, at least 64); and whether any was added
         or a chosen one is still above its target by more than 0.1% of tau (the linearisation's error)."""
         off = bool(len(chosen)) and bool((over[chosen] > 1e-3 * self.switch.tau).any())
-        over[chosen] = -math.inf
+        over = over.index_fill(0, chosen, -math.inf)
         worst = torch.argsort(over, descending=True)[: max(self.cfg.keep_targets, 64) - len(chosen)]
         worst = worst[over[worst] > 0]
         return torch.cat([chosen, worst]), len(worst) > 0 or off
@@ -1154,20 +1154,17 @@ class _Constraints:
         """``scale`` x the ARD of the ``chosen`` earlier edits (numbered in that order), linearised at
         the row change ``at`` (one atom per stored position of theirs that uses the rows; with
         ``positions``, per edit only that many, those with the largest gradient x code norm)."""
-        slot = torch.full((scope.n_constraints,), -1, dtype=torch.long)
-        slot[chosen] = torch.arange(len(chosen))
-        pos = (slot[scope.constraint] >= 0).nonzero().squeeze(1)
+        pos, con = entries_of(scope.constraint, scope.n_constraints, chosen)
         G = scope.gradient(at.to(torch.float64), pos)
-        con = slot[scope.constraint[pos]]
+        A = scope.A.index_select(0, pos).coalesce()
         if positions is not None and len(pos):
-            A = scope.A.index_select(0, pos).coalesce()
             code = torch.zeros(len(pos), dtype=torch.float64).index_add_(0, A.indices()[0], A.values().double() ** 2).sqrt()
             order = torch.argsort(G.norm(dim=1) * code, descending=True, stable=True)
             order = order[torch.argsort(con[order], stable=True)]  # by constraint, largest first within each
             rank = torch.arange(len(order)) - torch.searchsorted(con[order], con[order])
             keep = order[rank < positions].sort().values
-            pos, G, con = pos[keep], G[keep], con[keep]
-        A = scope.A.index_select(0, pos).coalesce().to(torch.float64)
+            A, G, con = A.index_select(0, keep).coalesce(), G[keep], con[keep]
+        A = A.to(torch.float64)
         return cls(A.to_dense().T.contiguous(), A, torch.arange(A.shape[0]), scale * G, con, len(chosen))
 
     def concat(self, other: "_Constraints") -> "_Constraints":
