@@ -89,8 +89,9 @@ class AblationsConfig:
     k_values: tuple[int, ...] = (8, 16, 32, 64, 128)  # inference k of the k sweep; () = no sweep
     dense_k: int | None = None  # inference k of "no_topk"; None: d_sae // 4
     # MicroEditConfig fields for every variant; the ablations are of the paper's two Adam stages, so
-    # the row update is the projected one (the default minimal update has no stage 1 to remove)
-    editor_overrides: Overrides = (("keep_floor", None), ("row_update", "projected"))
+    # the row update is the projected one (the default minimal update has no stage 1 to remove), with
+    # neither the floor nor the scope ceiling (not the paper's)
+    editor_overrides: Overrides = (("keep_floor", None), ("keep_scope", None), ("row_update", "projected"))
     batch_size: int = 32
 
     def __post_init__(self) -> None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The lifelong benchmarks of docs/RESULTS.md (WISE protocol), on the embedded model and shipped SAE.
-# Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-scope|zsre-sweep|zsre-small|hallucination|hallucination-sweep|hallucination-T1|
+# Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-noscope|zsre-allpositions|zsre-sweep|zsre-small|hallucination|hallucination-sweep|hallucination-T1|
 #        hallucination-T10|hallucination-T100|hallucination-table|hallucination-small|counterfact] [OUT_DIR]
-# zsre = the T=1000 stream (zsre-scope: with keep_scope=0.9); zsre-sweep = T=1,10,100 over the same 1000 records; counterfact = one 5000-edit
+# zsre = the T=1000 stream (zsre-noscope: without keep_scope, the default before session 13;
+# zsre-allpositions: keep_scope with every position of a held edit, session 12's option); zsre-sweep = T=1,10,100 over the same 1000 records; counterfact = one 5000-edit
 # stream scored after edit 3000 (T=3000) and 5000 (T=5000). hallucination-T1/T10/T100 are the sweep's T
 # values one per process (run two side by side on 2 cores, OMP_NUM_THREADS=1 each); hallucination-table
 # merges them with T=600 into one table. Every run checkpoints and resumes (same command).
@@ -18,8 +19,10 @@ run() { .venv/bin/microedit eval "$@"; }
 case "${1:-zsre}" in
   zsre)          run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
                      --checkpoint-dir "$OUT/ckpt_zsre" --out "$OUT/zsre_T1000.json" ;;
-  zsre-scope)    run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
-                     --config '{"keep_scope": 0.9}' --checkpoint-dir "$OUT/ckpt_zsre_scope" --out "$OUT/zsre_T1000_scope09.json" ;;
+  zsre-noscope)  run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
+                     --config '{"keep_scope": null}' --checkpoint-dir "$OUT/ckpt_zsre_noscope" --out "$OUT/zsre_T1000_noscope.json" ;;
+  zsre-allpositions) run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
+                     --config '{"scope_positions": null}' --checkpoint-dir "$OUT/ckpt_zsre_allpos" --out "$OUT/zsre_T1000_allpositions.json" ;;
   zsre-sweep)    run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1 10 100 --reference "$ZSRE_REF" \
                      --checkpoint-dir "$OUT/ckpt_zsre_sweep" --out "$OUT/zsre_T1_10_100_n1000.json" ;;
   zsre-small)    run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 100 --T 1 10 100 --reference "$ZSRE_REF" \
