@@ -1013,16 +1013,15 @@ class MicroEditor(EditMethod):
             with torch.no_grad():
                 self.sae.W_dec.copy_(self._W_dec0)
             self.history.snapshots.clear()
-            self._touched.zero_()
         elif not self.cfg.keep_history:
             raise ValueError("this editor keeps no per-edit history (keep_history=False): only rollback(0) is possible")
         else:
             self.history.rollback(self.sae.W_dec, n_edits)
-            # the rows the kept edits touched, exactly: tau tracking sums over them, so a row restored
-            # to its base value but still marked would move tau in its last bits
-            self._touched.zero_()
-            for snap in self.history.snapshots:
-                self._touched[snap.rows] = True
+        # exactly the rows the kept edits touched (none after rollback(0)): tau tracking sums over
+        # them, so a row restored to its base value but still marked would move tau in its last bits
+        self._touched.zero_()
+        for snap in self.history.snapshots:
+            self._touched[snap.rows] = True
         self.memory.drop_groups_from(n_edits)
         self._retrack_tau()
         self.sensitivity.drop_groups_from(n_edits)
