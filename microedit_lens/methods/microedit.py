@@ -65,8 +65,6 @@ logger = logging.getLogger(__name__)
 ROW_UPDATES = ("projected", "minimal", "gradient")
 FLOOR_REPAIR_NATS = 1.0
 """``keep_floor``: the most one edit raises an earlier token's estimated log-odds back towards the floor."""
-SCOPE_REPAIR = 0.05
-"""``keep_scope``: the most one edit lowers an earlier edit's ARD back towards the ceiling, as a share of tau."""
 REFRESH_BATCH_ATOMS = 8192
 """Re-measuring sensitivities: sequences with the same number of target tokens are batched while
 (sequences x longest x target tokens), the size of the batched backward pass, stays within this."""
@@ -166,7 +164,7 @@ class MicroEditConfig:
     """Keep every earlier edit in scope: its sequence's ARD (exact, from the codes and the error the
     memory stores) may not rise above ``keep_scope * tau`` under a row update (a first-order
     constraint, like ``keep_floor``'s, added to the held steps of the ``minimal`` and ``projected``
-    updates; an edit already above it is lowered, by at most ``SCOPE_REPAIR * tau`` per edit). Later
+    updates; an edit already above it stays where it is, one already out of scope is left). Later
     edits otherwise raise earlier edits' ARD (ZsRE, 900 edits: median ARD/tau 0.54 when made, 0.82
     after; 10% above tau, off the switch). Must be set from an editor's first edit (the memory stores
     the errors from then on). ``None``: off (the default before session 13). ZsRE T=1000 with 0.9 and
@@ -754,9 +752,13 @@ class MicroEditor(EditMethod):
 
     def _scope_targets(self, scope: SelectedScope) -> Float[torch.Tensor, " n_constraints"]:
         """The most ARD each earlier edit may have after the update: the ``keep_scope`` ceiling or, for
-        an edit above it already, its ARD now less ``SCOPE_REPAIR * tau`` (but not below the ceiling)."""
-        ceiling = self.cfg.keep_scope * self.switch.tau
-        return (scope.ard - SCOPE_REPAIR * self.switch.tau).clamp_min(ceiling)
+        an edit above it but still in scope (ARD <= tau), its ARD now. An edit already out of scope is
+        not held (``inf``): asking the update to lower such edits (by 0.05 tau each, session 13)
+        filled the held set with them and let in-scope edits fall out (CounterFact, 1500 edits:
+        113 of the in-scope edits fell out over the next 8 edits, against 9 when they are left;
+        docs/RESULTS.md, "Session 14")."""
+        tau = self.switch.tau
+        return scope.ard.clamp_min(self.cfg.keep_scope * tau).masked_fill(scope.ard > tau, math.inf)
 
     def _more_threatened(self, sens: SelectedSensitivities, dR: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``chosen`` plus the earlier target tokens (up to ``keep_targets`` in all) that ``dR`` lowers

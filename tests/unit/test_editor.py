@@ -843,3 +843,22 @@ def test_scope_constraints_keep_the_largest_positions_per_edit():
         torch.testing.assert_close(kept[0].float(), 2 * scope.weight[best] * scope.error[best])
     with pytest.raises(ValueError, match="scope_positions"):
         MicroEditConfig(scope_positions=0)
+
+
+def test_scope_holds_in_scope_edits_and_leaves_the_rest(tiny_model, tiny_sae, reference_texts):
+    """keep_scope's targets: an earlier edit below the ceiling may rise to it, one between the ceiling
+    and tau stays where it is, one already out of scope (ARD > tau) is not held at all; and an update
+    is asked to hold only the edits it takes above their target."""
+    from microedit_lens.editor import SelectedScope
+
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, keep_scope=0.9)
+    tau = ed.switch.tau
+    ard = torch.tensor([0.5, 0.95, 1.0, 1.3], dtype=torch.float64) * tau
+    scope = SelectedScope(torch.zeros(0, 3).to_sparse(), torch.zeros(0, 2), torch.zeros(0),
+                          torch.zeros(0, dtype=torch.long), ard, torch.arange(4))
+    target = ed._scope_targets(scope)
+    assert target[:3].tolist() == pytest.approx([0.9 * tau, 0.95 * tau, tau])
+    assert target[3] == float("inf")
+    after = ard + torch.tensor([0.3, 0.5, 0.01, 0.5], dtype=torch.float64) * tau  # the first stays below the ceiling
+    held, grew = ed._more_out_of_scope(after - target, torch.zeros(0, dtype=torch.long))
+    assert grew and sorted(held.tolist()) == [1, 2]
