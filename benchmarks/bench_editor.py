@@ -1,6 +1,6 @@
 """Editor benchmark on the embedded model (ratios measured in one run; never asserted in tests).
 
-    .venv/bin/python benchmarks/bench_editor.py [--edits 20] [--repeats 20]
+    .venv/bin/python benchmarks/bench_editor.py [--edits 20] [--repeats 20] [--config '{"bf16_steps": true}']
 
 Prints: seconds per edit (sequential demo edits), and the forward-pass time with the editor attached
 (switch on, AUTO mode) over the plain model's, for a single prompt and for a batch.
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from microedit_lens import MicroEditor, load_model, load_sae
+from microedit_lens import MicroEditConfig, MicroEditor, load_model, load_sae
 from microedit_lens.editor import batch_tokens
 from microedit_lens.facts import REFERENCE_PROMPTS, demo_requests
 
@@ -34,9 +34,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--edits", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--config", default="{}", help="MicroEditConfig overrides as JSON")
     a = ap.parse_args()
     model, sae = load_model(), load_sae()
-    editor = MicroEditor(model, sae)
+    editor = MicroEditor(model, sae, MicroEditConfig(**json.loads(a.config)))
     editor.calibrate(REFERENCE_PROMPTS)
     reqs = demo_requests()[: a.edits]
     t0 = time.perf_counter()
@@ -60,7 +61,8 @@ def main() -> None:
         "mean_steps": statistics.mean(r.stage1.steps + r.stage2.steps for r in results),
         "mean_rows_trained": statistics.mean(r.n_latents for r in results),
         "success": sum(r.success for r in results) / len(results),
-        "forward": ratios, "threads": torch.get_num_threads(),
+        "forward": ratios, "threads": torch.get_num_threads(), "bf16_steps": editor.bf16_steps,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "config_overrides": json.loads(a.config),
     }
     print(json.dumps(out, indent=1))
 

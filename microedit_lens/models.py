@@ -282,6 +282,21 @@ def load_model(
     return model.to(device)
 
 
+def bf16_is_native(device: str | torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively, so a bf16 copy of the model is a speed-up:
+    CUDA with bf16 support, or a CPU oneDNN runs bf16 on (AVX-512 / AMX). On an AVX2-only CPU a
+    bf16 matmul (64x576 @ 576x1536) took 30x as long as fp32 (session 15)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def replace_config(cfg: HookedTransformerConfig, **changes: Any) -> HookedTransformerConfig:
     """A new config of the same class with ``changes`` (derived fields such as ``n_params`` are
     recomputed by the config itself)."""

@@ -54,7 +54,7 @@ from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, MemoryBan
                                    SensitivityBank, batch_tokens, entries_of, largest_gradient_positions, pad_ids, tokenize_request)
 from microedit_lens.methods.base import EditMethod, register_method
 from microedit_lens.metrics import logits_at
-from microedit_lens.models import final_logits
+from microedit_lens.models import bf16_is_native, final_logits
 from microedit_lens.sae import check_editable, editable_copy
 from microedit_lens.switch import SwitchedSAE, SwitchMode, ard, sparse_decode, topk_codes, valid_positions
 from microedit_lens.types import EditError, EditRequest, EditResult, NumericalEditError, StageStats
@@ -181,9 +181,13 @@ class MicroEditConfig:
     skip_first: int = 1
     """Leading positions never replaced nor counted in ARD (position 0 is an attention sink)."""
     seed: int = 0
-    bf16_steps: bool = True
+    bf16_steps: bool | None = None
     """Run the layers after the hook in a bf16 copy of the model during optimisation steps (residual
-    hooks; costs one bf16 copy of the weights); the final success check uses the model itself."""
+    hooks; costs one bf16 copy of the weights); the final success check uses the model itself.
+    ``None`` (auto, since session 15): bf16 where the model's device computes it natively (CUDA with
+    bf16, or a CPU oneDNN runs bf16 on: AVX-512 / AMX), fp32 elsewhere: on an AVX2-only CPU a bf16
+    matmul took 30x as long as fp32 and a ZsRE edit ~10x as long. ``MicroEditor.bf16_steps`` says
+    what was chosen. ``True`` was the fixed default before session 15."""
     keep_history: bool = True
     """Keep per-edit row snapshots (undo/rollback to any edit). Without them only rollback(0) works,
     which saves ~m x d floats per edit (long benchmark runs)."""
@@ -309,6 +313,8 @@ class MicroEditor(EditMethod):
         self.base_fingerprint = _fingerprint(sae)
         self.sae = editable_copy(sae)
         self.site = HookSite(model, self.hook_name)
+        self.bf16_steps = self.cfg.bf16_steps if self.cfg.bf16_steps is not None else bf16_is_native(model.cfg.device)
+        """Whether optimisation steps run in the bf16 copy (``cfg.bf16_steps``, resolved)."""
         tau = self.cfg.tau if self.cfg.tau is not None else float("-inf")
         self.switch = SwitchedSAE(self.sae, tau=tau, alpha=self.cfg.alpha, skip_first=self.cfg.skip_first)
         d, k = self.sae.cfg.d_in, self.sae.cfg.k
@@ -579,7 +585,7 @@ class MicroEditor(EditMethod):
         (``bf16_steps``)."""
         resid = torch.where(prob.valid[None, :, None], z_hat[None].to(prob.z.dtype), prob.z)
         with self.detached():
-            logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast and self.cfg.bf16_steps, positions=prob.seq.target_positions)
+            logits = self.site.logits_from(resid, prob.seq.tokens[None], fast=fast and self.bf16_steps, positions=prob.seq.target_positions)
         return logits[0].float()
 
     def _token_margins(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -282,10 +282,10 @@ def test_tsne_separates_blobs_and_is_deterministic():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (25, 10)), rng.normal(8, 1, (25, 10))])
     labels = np.array([0] * 25 + [1] * 25)
-    y, kl = geometry.tsne(x, perplexity=10, n_iter=300, seed=1)
+    y, kl = geometry.tsne(x, perplexity=10, n_iter=750, seed=1)  # 300 iterations: seed 1 ends in a local minimum (KL 0.79) with numpy 2.4
     assert y.shape == (50, 2) and math.isfinite(kl) and kl >= 0
     assert geometry.knn_purity(y, labels, 5) == 1.0
-    y2, _ = geometry.tsne(x, perplexity=10, n_iter=300, seed=1)
+    y2, _ = geometry.tsne(x, perplexity=10, n_iter=750, seed=1)
     assert np.array_equal(y, y2)
     assert geometry.chance_purity(labels) == pytest.approx(24 / 49)
     assert geometry.silhouette(x, labels) > 0.7

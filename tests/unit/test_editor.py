@@ -862,3 +862,13 @@ def test_scope_holds_in_scope_edits_and_leaves_the_rest(tiny_model, tiny_sae, re
     after = ard + torch.tensor([0.3, 0.5, 0.01, 0.5], dtype=torch.float64) * tau  # the first stays below the ceiling
     held, grew = ed._more_out_of_scope(after - target, torch.zeros(0, dtype=torch.long))
     assert grew and sorted(held.tolist()) == [1, 2]
+
+
+def test_bf16_steps_auto_follows_the_device(tiny_model, tiny_sae):
+    from microedit_lens.models import bf16_is_native
+
+    assert MicroEditConfig().bf16_steps is None
+    assert MicroEditor(tiny_model, tiny_sae, attach=False).bf16_steps == bf16_is_native("cpu")
+    for forced in (True, False):
+        assert MicroEditor(tiny_model, tiny_sae, MicroEditConfig(bf16_steps=forced), attach=False).bf16_steps is forced
+    assert not bf16_is_native("meta")
