@@ -186,8 +186,9 @@ class MicroEditConfig:
     hooks; costs one bf16 copy of the weights); the final success check uses the model itself.
     ``None`` (auto, since session 15): bf16 where the model's device computes it natively (CUDA with
     bf16, or a CPU oneDNN runs bf16 on: AVX-512 / AMX), fp32 elsewhere: on an AVX2-only CPU a bf16
-    matmul took 30x as long as fp32 and a ZsRE edit ~10x as long. ``MicroEditor.bf16_steps`` says
-    what was chosen. ``True`` was the fixed default before session 15."""
+    matmul took 30x as long as fp32 and a demo edit 2x as long. ``MicroEditor.bf16_steps`` says
+    what was chosen; ``save`` stores that choice, so a loaded editor (a resumed run) keeps it on any
+    machine. ``True`` was the fixed default before session 15."""
     keep_history: bool = True
     """Keep per-edit row snapshots (undo/rollback to any edit). Without them only rollback(0) works,
     which saves ~m x d floats per edit (long benchmark runs)."""
@@ -1060,7 +1061,9 @@ class MicroEditor(EditMethod):
         meta = {
             "method": self.name,
             "format": 1,
-            "config": self.cfg.to_dict(),
+            # bf16_steps as resolved: a loaded editor makes later edits in the same precision (so a
+            # resumed run ends with the same numbers on another machine)
+            "config": {**self.cfg.to_dict(), "bf16_steps": self.bf16_steps},
             "hook_name": self.hook_name,
             "tau": self.tau,
             "base_fingerprint": self.base_fingerprint,

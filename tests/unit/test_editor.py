@@ -864,7 +864,7 @@ def test_scope_holds_in_scope_edits_and_leaves_the_rest(tiny_model, tiny_sae, re
     assert grew and sorted(held.tolist()) == [1, 2]
 
 
-def test_bf16_steps_auto_follows_the_device(tiny_model, tiny_sae):
+def test_bf16_steps_auto_follows_the_device(tiny_model, tiny_sae, reference_texts, tmp_path):
     from microedit_lens.models import bf16_is_native
 
     assert MicroEditConfig().bf16_steps is None
@@ -872,3 +872,8 @@ def test_bf16_steps_auto_follows_the_device(tiny_model, tiny_sae):
     for forced in (True, False):
         assert MicroEditor(tiny_model, tiny_sae, MicroEditConfig(bf16_steps=forced), attach=False).bf16_steps is forced
     assert not bf16_is_native("meta")
+    ed = make_editor(tiny_model, tiny_sae, reference_texts)
+    ed.edit(REQS[0])
+    ed.detach()
+    loaded = MicroEditor.load(ed.save(tmp_path / "ed"), tiny_model, attach=False)
+    assert loaded.cfg.bf16_steps is ed.bf16_steps is loaded.bf16_steps  # the choice travels with the editor
