@@ -35,7 +35,7 @@ def _train_sae_args(p: argparse.ArgumentParser):
     p.add_argument("--tokens", type=int, default=3_000_000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--context-size", type=int, default=128)
-    p.add_argument("--no-autocast", action="store_true", help="harvest activations in fp32")
+    p.add_argument("--no-autocast", action="store_true", help="harvest activations in fp32 (default: bf16 autocast where the CPU runs bf16 natively)")
     p.add_argument("--checkpoints", type=int, default=0, help="intermediate SAE checkpoints to save")
 
     def run(a: argparse.Namespace) -> int:
@@ -44,7 +44,7 @@ def _train_sae_args(p: argparse.ArgumentParser):
         cfg = TrainSAEConfig(
             text_files=a.text, heldout_files=a.heldout_text, output_dir=a.out, model=a.model,
             hook_name=a.hook, d_sae=a.width, k=a.k, training_tokens=a.tokens, lr=a.lr,
-            context_size=a.context_size, autocast_lm=not a.no_autocast, n_checkpoints=a.checkpoints,
+            context_size=a.context_size, autocast_lm=False if a.no_autocast else None, n_checkpoints=a.checkpoints,
         )
         out, q = train_sae(cfg)
         sys.stdout.write(json.dumps({"sae": str(out), **q.to_dict()}, indent=1) + "\n")

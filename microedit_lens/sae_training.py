@@ -51,8 +51,10 @@ class TrainSAEConfig:
     aux_loss_coefficient: float = 1 / 32
     train_batch_size_tokens: int = 2048
     lr_warm_up_steps: int = 50
-    autocast_lm: bool = True
-    """Run the LM in bf16 autocast while harvesting activations (~1.7x faster on CPU)."""
+    autocast_lm: bool | None = None
+    """Run the LM in bf16 autocast while harvesting activations (~1.7x faster on a CPU with AVX-512;
+    far slower on an AVX2-only one). ``None`` (auto, since session 15): where the CPU runs bf16
+    natively (``models.bf16_is_native``). The shipped SAE was trained with ``True``."""
     n_eval_windows: int = 256
     seed: int = 42
     n_checkpoints: int = 0
@@ -238,7 +240,7 @@ def _runner_config(cfg: TrainSAEConfig, d_in: int, model_name: str) -> Any:
         dead_feature_window=200,
         feature_sampling_window=500,
         n_batches_for_norm_estimate=20,
-        autocast_lm=cfg.autocast_lm,
+        autocast_lm=_autocast(cfg),
         device="cpu",
         seed=cfg.seed,
         dtype="float32",
@@ -310,7 +312,7 @@ decoder rows without changing them).
 | hook | `{cfg.hook_name}` |
 | training tokens | {cfg.training_tokens:,} (positions >= 1 of {cfg.context_size}-token windows; {n_windows_train:,} windows available) |
 | optimiser | Adam, lr {cfg.lr}, warm-up {cfg.lr_warm_up_steps} steps, cosine decay to lr/10, batch {cfg.train_batch_size_tokens} tokens, aux-loss coefficient {cfg.aux_loss_coefficient:.4f} |
-| LM precision while harvesting | {"bf16 autocast" if cfg.autocast_lm else "fp32"} |
+| LM precision while harvesting | {"bf16 autocast" if _autocast(cfg) else "fp32"} |
 | training wall time | {seconds / 60:.1f} min on a 2-core CPU |
 
 ## Held-out quality ({q.n_tokens:,} tokens, positions >= 1)
@@ -350,3 +352,10 @@ def sae_from_checkpoint(path: str | Path) -> Any:
             sae.fold_activation_norm_scaling_factor(float(factor))
     fold_for_editing(sae)
     return sae
+
+
+def _autocast(cfg: TrainSAEConfig) -> bool:
+    """``cfg.autocast_lm``, with ``None`` resolved for the CPU the LM runs on."""
+    from microedit_lens.models import bf16_is_native
+
+    return cfg.autocast_lm if cfg.autocast_lm is not None else bf16_is_native("cpu")

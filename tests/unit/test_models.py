@@ -44,3 +44,12 @@ def test_unknown_model_name_offline_is_a_clear_error(monkeypatch):
 def test_bad_source_type():
     with pytest.raises(TypeError):
         load_model(3.5)
+
+
+def test_sae_training_autocast_follows_the_cpu():
+    from microedit_lens.models import bf16_is_native
+    from microedit_lens.sae_training import TrainSAEConfig, _autocast
+
+    assert _autocast(TrainSAEConfig(text_files=["a.txt"], output_dir="out")) == bf16_is_native("cpu")
+    for forced in (True, False):
+        assert _autocast(TrainSAEConfig(text_files=["a.txt"], output_dir="out", autocast_lm=forced)) is forced
