@@ -36,8 +36,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--config", default="{}", help="MicroEditConfig overrides as JSON")
     a = ap.parse_args()
+    overrides = json.loads(a.config)
     model, sae = load_model(), load_sae()
-    editor = MicroEditor(model, sae, MicroEditConfig(**json.loads(a.config)))
+    editor = MicroEditor(model, sae, MicroEditConfig(**overrides))
     editor.calibrate(REFERENCE_PROMPTS)
     reqs = demo_requests()[: a.edits]
     t0 = time.perf_counter()
@@ -62,7 +63,7 @@ def main() -> None:
         "mean_rows_trained": statistics.mean(r.n_latents for r in results),
         "success": sum(r.success for r in results) / len(results),
         "forward": ratios, "threads": torch.get_num_threads(), "bf16_steps": editor.bf16_steps,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "config_overrides": json.loads(a.config),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "config_overrides": overrides,
     }
     print(json.dumps(out, indent=1))
 

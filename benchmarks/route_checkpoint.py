@@ -1,5 +1,6 @@
 """Routing of a saved editor's edits: how many of its edit prompts the switch still routes through the
-edited SAE, their ARD/tau now against when made, and Reliability (and, where the records have
+edited SAE, their ARD/tau now against their ARD when made (over today's tau: the editor does not
+store tau per edit), and Reliability (and, where the records have
 paraphrases, Generalization and the paraphrases' share in scope) with the switch as is and forced on.
 
     python benchmarks/route_checkpoint.py EDITOR_DIR DATA_FILE [--format counterfact]
@@ -39,13 +40,14 @@ def main() -> None:
     out = {
         "n_edits": n, "tau": routing.tau, "prompt_in_scope": routing.on.float().mean().item(),
         "ard_over_tau_now_q50_75_90": [round(ratio.quantile(q).item(), 3) for q in (0.5, 0.75, 0.9)],
-        "ard_over_tau_when_made_median": made.median().item(),
+        "ard_when_made_over_tau_now_median": made.median().item(),
     }
     out.update(accuracy_by_mode(ed, prompts, targets, "rel"))
-    para = [(r.paraphrases[0], r.target) for r in recs if r.paraphrases]
-    if para:
-        out["paraphrase_in_scope"] = ed.route([p for p, _ in para]).on.float().mean().item()
-        out.update(accuracy_by_mode(ed, [p for p, _ in para], [t for _, t in para], "gen"))
+    with_para = [r for r in recs if r.paraphrases]
+    if with_para:
+        paraphrases = [r.paraphrases[0] for r in with_para]
+        out["paraphrase_in_scope"] = ed.route(paraphrases).on.float().mean().item()
+        out.update(accuracy_by_mode(ed, paraphrases, [r.target for r in with_para], "gen"))
     print(json.dumps(out))
 
 

@@ -297,6 +297,11 @@ def bf16_is_native(device: str | torch.device) -> bool:
         return False
 
 
+def resolve_bf16(choice: bool | None, device: str | torch.device) -> bool:
+    """A ``bool | None`` bf16 option resolved: ``None`` (auto) means :func:`bf16_is_native` on ``device``."""
+    return choice if choice is not None else bf16_is_native(device)
+
+
 def replace_config(cfg: HookedTransformerConfig, **changes: Any) -> HookedTransformerConfig:
     """A new config of the same class with ``changes`` (derived fields such as ``n_params`` are
     recomputed by the config itself)."""

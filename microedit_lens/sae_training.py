@@ -356,6 +356,6 @@ def sae_from_checkpoint(path: str | Path) -> Any:
 
 def _autocast(cfg: TrainSAEConfig) -> bool:
     """``cfg.autocast_lm``, with ``None`` resolved for the CPU the LM runs on."""
-    from microedit_lens.models import bf16_is_native
+    from microedit_lens.models import resolve_bf16
 
-    return cfg.autocast_lm if cfg.autocast_lm is not None else bf16_is_native("cpu")
+    return resolve_bf16(cfg.autocast_lm, "cpu")

@@ -54,7 +54,7 @@ from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, MemoryBan
                                    SensitivityBank, batch_tokens, entries_of, largest_gradient_positions, pad_ids, tokenize_request)
 from microedit_lens.methods.base import EditMethod, register_method
 from microedit_lens.metrics import logits_at
-from microedit_lens.models import bf16_is_native, final_logits
+from microedit_lens.models import final_logits, resolve_bf16
 from microedit_lens.sae import check_editable, editable_copy
 from microedit_lens.switch import SwitchedSAE, SwitchMode, ard, sparse_decode, topk_codes, valid_positions
 from microedit_lens.types import EditError, EditRequest, EditResult, NumericalEditError, StageStats
@@ -314,7 +314,7 @@ class MicroEditor(EditMethod):
         self.base_fingerprint = _fingerprint(sae)
         self.sae = editable_copy(sae)
         self.site = HookSite(model, self.hook_name)
-        self.bf16_steps = self.cfg.bf16_steps if self.cfg.bf16_steps is not None else bf16_is_native(model.cfg.device)
+        self.bf16_steps = resolve_bf16(self.cfg.bf16_steps, model.cfg.device)
         """Whether optimisation steps run in the bf16 copy (``cfg.bf16_steps``, resolved)."""
         tau = self.cfg.tau if self.cfg.tau is not None else float("-inf")
         self.switch = SwitchedSAE(self.sae, tau=tau, alpha=self.cfg.alpha, skip_first=self.cfg.skip_first)
