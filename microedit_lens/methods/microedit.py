@@ -683,16 +683,26 @@ class MicroEditor(EditMethod):
     def _solve_constraints(cons: "_Constraints", P: Any, rhs: Float[torch.Tensor, " j"]) -> Float[torch.Tensor, "m d"]:
         """The least correction ``sum_j lambda_j P C_j`` (metric ``P^-1``) whose first-order effect on
         constraint ``j`` (``<C_j, .>``, ``C_j = sum_{e in j} a_e g_e^T``) is ``rhs_j``: ``K lambda = rhs``,
-        ``K_ij = <C_i, P C_j>``, from ``P a`` per distinct atom and ``g_e . g_f`` (``C_j`` is low rank)."""
+        ``K_ij = <C_i, P C_j>``, from ``P a`` per distinct atom and ``g_e . g_f`` (``C_j`` is low rank).
+
+        ``a_e^T P a_f`` is formed per entry pair (one dense ``[n, m] @ [m, n]`` product) where most
+        entries have their own atom (held tokens and scope: one atom per stored position), and per
+        atom pair then gathered where many entries share few atoms (the edit's own tokens all read the
+        same sequence); a sparse product followed by the gather cost 2x the first way on the held
+        steps of a crowded decoder (docs/RESULTS.md, "Session 16")."""
         PA = P(cons.At)  # P a per distinct atom  [m, U]
-        APA = torch.sparse.mm(cons.A, PA)  # a_u^T P a_v  [U, U]
-        pair = APA[cons.atom][:, cons.atom] * cons.gram  # <a_e g_e^T, P a_f g_f^T>  [n, n]
+        U, n = cons.At.shape[1], len(cons.atom)
+        if 2 * U > n:
+            pair = cons.At[:, cons.atom].T @ PA[:, cons.atom]
+        else:
+            pair = (cons.At.T @ PA)[cons.atom][:, cons.atom]
+        pair.mul_(cons.gram)  # <a_e g_e^T, P a_f g_f^T>  [n, n]
         J, seg = cons.n_constraints, cons.seg
-        K = torch.zeros(J, J, dtype=torch.float64).index_add_(1, seg, torch.zeros(J, len(seg), dtype=torch.float64).index_add_(0, seg, pair))
+        K = torch.zeros(J, J, dtype=torch.float64).index_add_(1, seg, torch.zeros(J, n, dtype=torch.float64).index_add_(0, seg, pair))
         evals, evecs = torch.linalg.eigh(K)
         keep = evals > 1e-10 * evals.abs().max()
         lam = evecs[:, keep] @ ((evecs[:, keep].T @ rhs.double()) / evals[keep])
-        Z = torch.zeros(cons.At.shape[1], cons.G.shape[1], dtype=torch.float64).index_add_(0, cons.atom, lam[seg][:, None] * cons.G)
+        Z = torch.zeros(U, cons.G.shape[1], dtype=torch.float64).index_add_(0, cons.atom, lam[seg][:, None] * cons.G)
         return PA @ Z
 
     def _keep_targets(self, prob: _EditProblem, dR: torch.Tensor, L: torch.Tensor, X: torch.Tensor, Ae: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -1142,24 +1152,27 @@ class _Constraints:
     same edit sequence) share them."""
 
     At: Float[torch.Tensor, "m U"]
-    A: torch.Tensor  # sparse [U, m] (the same atoms)
     atom: Int[torch.Tensor, " n"]
     G: Float[torch.Tensor, "n d"]
     seg: Int[torch.Tensor, " n"]
     n_constraints: int
-    gram: Float[torch.Tensor, "n n"] | None = None
-    """``g_e . g_f`` (computed when not given)."""
+    _gram: Float[torch.Tensor, "n n"] | None = field(default=None, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if self.gram is None:
+    @property
+    def gram(self) -> Float[torch.Tensor, "n n"]:
+        """``g_e . g_f`` (a float32 product, kept in float32: the solve multiplies it into its float64
+        pairs), made when a solve first needs it: the held step solves each constraint set it builds
+        once, so blocks made ahead for :meth:`concat` were copied, not reused."""
+        if self._gram is None:
             G = self.G.float()
-            self.gram = (G @ G.T).double()
+            self._gram = G @ G.T
+        return self._gram
 
     @classmethod
     def held(cls, sens: SelectedSensitivities) -> "_Constraints":
         """Stored sensitivities of earlier target tokens (one atom per stored position)."""
-        A = sens.A.coalesce().to(torch.float64)
-        return cls(A.to_dense().T.contiguous(), A, torch.arange(A.shape[0]), sens.grad.to(torch.float64), sens.constraint, sens.n_constraints)
+        At = sens.A.to_dense().T.to(torch.float64).contiguous()
+        return cls(At, torch.arange(At.shape[1]), sens.grad.to(torch.float64), sens.constraint, sens.n_constraints)
 
     @classmethod
     def own(cls, Ae: Float[torch.Tensor, "S m"], g: Float[torch.Tensor, "n_t S d"], positions: int | None = None) -> "_Constraints":
@@ -1167,7 +1180,7 @@ class _Constraints:
         ``positions``: only that many, those where its gradient is largest)."""
         n_t, S = g.shape[:2]
         token, atom, G = largest_gradient_positions(g, S if positions is None else positions)
-        return cls(Ae.T.contiguous(), Ae.to_sparse(), atom, G.to(torch.float64), token, n_t)
+        return cls(Ae.T.contiguous(), atom, G.to(torch.float64), token, n_t)
 
     @classmethod
     def scope(cls, scope: SelectedScope, chosen: Int[torch.Tensor, " j"], at: Float[torch.Tensor, "m d"], scale: float = 1.0,
@@ -1185,17 +1198,14 @@ class _Constraints:
             rank = torch.arange(len(order)) - torch.searchsorted(con[order], con[order])
             keep = order[rank < positions].sort().values
             A, G, con = A.index_select(0, keep).coalesce(), G[keep], con[keep]
-        A = A.to(torch.float64)
-        return cls(A.to_dense().T.contiguous(), A, torch.arange(A.shape[0]), scale * G, con, len(chosen))
+        At = A.to_dense().T.to(torch.float64).contiguous()
+        return cls(At, torch.arange(At.shape[1]), scale * G, con, len(chosen))
 
     def concat(self, other: "_Constraints") -> "_Constraints":
         """These constraints followed by ``other``'s (numbered after them)."""
         U = self.At.shape[1]
-        cross = (self.G.float() @ other.G.float().T).double()
-        gram = torch.cat([torch.cat([self.gram, cross], 1), torch.cat([cross.T, other.gram], 1)])
-        return _Constraints(torch.cat([self.At, other.At], 1), torch.cat([self.A.coalesce(), other.A.coalesce()]).coalesce(),
-                            torch.cat([self.atom, other.atom + U]), torch.cat([self.G, other.G]),
-                            torch.cat([self.seg, other.seg + self.n_constraints]), self.n_constraints + other.n_constraints, gram)
+        return _Constraints(torch.cat([self.At, other.At], 1), torch.cat([self.atom, other.atom + U]), torch.cat([self.G, other.G]),
+                            torch.cat([self.seg, other.seg + self.n_constraints]), self.n_constraints + other.n_constraints)
 
     def change(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " j"]:
         """First-order value of every constraint at ``dR``."""

@@ -547,6 +547,17 @@ def test_constraint_solve_meets_its_right_hand_side():
     rhs = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.5], dtype=torch.float64)
     corr = MicroEditor._solve_constraints(both, lambda At: torch.cholesky_solve(At, L), rhs)
     torch.testing.assert_close(both.change(corr), rhs, rtol=1e-6, atol=1e-6)
+    # against the dense definition: C_j = sum_{e in j} a_e g_e^T, K_ij = <C_i, H^-1 C_j>, correction
+    # sum_j lambda_j H^-1 C_j; for the own tokens alone (few atoms shared by many entries: pairs per
+    # atom, then gathered) and with the held ones (an atom per entry: pairs per entry)
+    for cons, r in ((own, rhs[:2]), (both, rhs)):
+        C = torch.zeros(cons.n_constraints, m, d, dtype=torch.float64)
+        for e in range(len(cons.atom)):
+            C[cons.seg[e]] += torch.outer(cons.At[:, cons.atom[e]], cons.G[e].float().double())
+        PC = torch.stack([torch.cholesky_solve(c, L) for c in C])
+        K = torch.einsum("imd,jmd->ij", C, PC)
+        want = torch.einsum("j,jmd->md", torch.linalg.solve(K, r), PC)
+        torch.testing.assert_close(MicroEditor._solve_constraints(cons, lambda At: torch.cholesky_solve(At, L), r), want)
 
 
 def test_target_gradients_match_finite_differences(tiny_model, tiny_sae, reference_texts):
