@@ -115,16 +115,26 @@ class HookSite:
         return logits if positions is None else logits[:, positions]
 
     def final_resid(
-        self, resid: Float[torch.Tensor, "batch seq d"], tokens: Int[torch.Tensor, "batch seq"], positions: Int[torch.Tensor, "batch n"]
+        self, resid: Float[torch.Tensor, "batch seq d"], tokens: Int[torch.Tensor, "batch seq"], positions: Int[torch.Tensor, "batch n"],
+        fast: bool = False,
     ) -> Float[torch.Tensor, "batch n d_model"]:
         """The residual stream after the last block (before the final norm) at ``positions`` of each
         row, when the activation at the hook is ``resid`` (differentiable in ``resid``);
-        ``models.final_logits`` turns it into logits."""
+        :meth:`unembed` turns it into logits. ``fast``: in the bf16 copy (residual hooks only)."""
         rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
         n = self.model.cfg.n_layers
         if self.start_layer is not None:
-            return self.model(resid, start_at_layer=self.start_layer, stop_at_layer=n)[rows, positions]
+            m = self.fast_model() if fast else self.model
+            x = resid.to(torch.bfloat16) if fast else resid
+            return m(x, start_at_layer=self.start_layer, stop_at_layer=n)[rows, positions]
         return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, self._replacing(resid))], stop_at_layer=n)[rows, positions]
+
+    def unembed(self, final: Float[torch.Tensor, "... d_model"], fast: bool = False) -> Float[torch.Tensor, "... d_vocab"]:
+        """Logits (float32) from :meth:`final_resid`'s output, by the same model (``fast``: the bf16 copy)."""
+        from microedit_lens.models import final_logits
+
+        m = self.fast_model() if fast and self.start_layer is not None else self.model
+        return final_logits(m, final).float()
 
     @staticmethod
     def _replacing(resid: torch.Tensor) -> Callable[[torch.Tensor, Any], torch.Tensor]:

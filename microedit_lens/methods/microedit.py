@@ -54,7 +54,7 @@ from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, MemoryBan
                                    SensitivityBank, batch_tokens, entries_of, largest_gradient_positions, pad_ids, tokenize_request)
 from microedit_lens.methods.base import EditMethod, register_method
 from microedit_lens.metrics import logits_at
-from microedit_lens.models import final_logits, resolve_bf16
+from microedit_lens.models import resolve_bf16
 from microedit_lens.sae import check_editable, editable_copy
 from microedit_lens.switch import SwitchedSAE, SwitchMode, ard, sparse_decode, topk_codes, valid_positions
 from microedit_lens.types import EditError, EditRequest, EditResult, NumericalEditError, StageStats
@@ -605,13 +605,25 @@ class MicroEditor(EditMethod):
     def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False, log_odds: bool = False) -> Float[torch.Tensor, "n_target seq d"]:
         """Gradient of each target token's log-prob (``log_odds``: log-odds) w.r.t. the reconstruction
         at every position: one forward pass and one batched backward pass (a vector-Jacobian product
-        per token, vmapped). ``fast``: in the bf16 copy (``bf16_steps``)."""
-        n_t = len(prob.seq.target_ids)
+        per token, vmapped). ``fast``: in the bf16 copy (``bf16_steps``).
+
+        Token t's score depends on the final residual at its own position only, so the unembedding's
+        part is taken for all tokens in one plain backward pass, and the batched pass runs through
+        the blocks only (batching through the unembedding multiplied its cost by n_target: on
+        hallucination targets of ~40 tokens it was most of an edit; docs/RESULTS.md, "Session 16")."""
+        ids = prob.seq.target_ids
+        n_t = len(ids)
+        fast = fast and self.bf16_steps
         zh = z_hat.detach()[None].clone().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self._target_logits(prob, zh[0], fast)
-            score = _log_odds(logits, prob.seq.target_ids) if log_odds else logits.log_softmax(-1)[torch.arange(n_t), prob.seq.target_ids]  # [n_t]
-            (grad,) = torch.autograd.grad(score, zh, grad_outputs=torch.eye(n_t, dtype=score.dtype), is_grads_batched=True)
+        with torch.enable_grad(), self.detached():
+            resid = torch.where(prob.valid[None, :, None], zh.to(prob.z.dtype), prob.z)
+            h = self.site.final_resid(resid, prob.seq.tokens[None], prob.seq.target_positions[None], fast=fast)  # [1, n_t, d_model]
+            h_leaf = h.detach().requires_grad_(True)
+            logits = self.site.unembed(h_leaf[0], fast)  # [n_t, vocab]
+            score = _log_odds(logits, ids) if log_odds else logits.log_softmax(-1)[torch.arange(n_t), ids]  # [n_t]
+            (g_h,) = torch.autograd.grad(score.sum(), h_leaf)  # token t's gradient sits at its own position only
+            picks = torch.eye(n_t, dtype=h.dtype)[:, None, :, None] * g_h[None]  # [n_t, 1, n_t, d_model]
+            (grad,) = torch.autograd.grad(h, zh, grad_outputs=picks, is_grads_batched=True)
         return grad[:, 0].detach().float()
 
     def _run_stage(self, prob: _EditProblem, R: torch.Tensor, steps: int, with_edit: bool) -> StageStats:
@@ -1017,7 +1029,7 @@ class MicroEditor(EditMethod):
         with torch.enable_grad(), self.detached():
             h = self.site.final_resid(x, toks, pos)  # [B, n_t, d_model]
             h_leaf = h.detach().requires_grad_(True)
-            logits = final_logits(self.model, h_leaf).float().flatten(0, 1)  # [B*n_t, vocab]
+            logits = self.site.unembed(h_leaf).flatten(0, 1)  # [B*n_t, vocab]
             lp = _log_odds(logits, tgt) if log_odds else logits.log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
             (g_h,) = torch.autograd.grad(lp.sum(), h_leaf)  # each row's own score: rows are independent
             picks = torch.eye(n_t, dtype=h.dtype)[:, None, :, None] * g_h[None]  # [n_t, B, n_t, d]: token j of every sequence

@@ -580,6 +580,14 @@ def test_target_gradients_match_finite_differences(tiny_model, tiny_sae, referen
 
     fd = (logprobs(z_hat + eps * direction) - logprobs(z_hat - eps * direction)) / (2 * eps)
     torch.testing.assert_close((G * direction).sum((1, 2)), fd, rtol=2e-2, atol=2e-3)
+    # the same gradients through the plain batched vector-Jacobian product (unembedding included in
+    # the batched pass), which _target_gradients splits for speed; and in the bf16 copy, to its precision
+    zh = z_hat[None].clone().requires_grad_(True)
+    n_t = len(seq.target_ids)
+    (ref,) = torch.autograd.grad(logprobs(zh[0]), zh, grad_outputs=torch.eye(n_t), is_grads_batched=True)
+    torch.testing.assert_close(G, ref[:, 0], rtol=1e-4, atol=1e-6)
+    ed.bf16_steps = True
+    torch.testing.assert_close(ed._target_gradients(prob, z_hat, fast=True), G, rtol=0.1, atol=0.05 * float(G.abs().max()))
     ed.detach()
 
 
