@@ -104,8 +104,7 @@ class HookSite:
         ``positions``: only the logits at these positions (the unembedding of the other positions,
         most of a short sequence's step, is skipped on the residual fast path)."""
         if self.start_layer is not None:
-            m = self.fast_model() if fast else self.model
-            x = resid.to(torch.bfloat16) if fast else resid
+            m, x = self._after_hook(fast, resid)
             if positions is None:
                 return m(x, start_at_layer=self.start_layer).float()
             from microedit_lens.models import final_logits
@@ -124,8 +123,7 @@ class HookSite:
         rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
         n = self.model.cfg.n_layers
         if self.start_layer is not None:
-            m = self.fast_model() if fast else self.model
-            x = resid.to(torch.bfloat16) if fast else resid
+            m, x = self._after_hook(fast, resid)
             return m(x, start_at_layer=self.start_layer, stop_at_layer=n)[rows, positions]
         return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, self._replacing(resid))], stop_at_layer=n)[rows, positions]
 
@@ -133,8 +131,15 @@ class HookSite:
         """Logits (float32) from :meth:`final_resid`'s output, by the same model (``fast``: the bf16 copy)."""
         from microedit_lens.models import final_logits
 
-        m = self.fast_model() if fast and self.start_layer is not None else self.model
-        return final_logits(m, final).float()
+        m, x = self._after_hook(fast, final)
+        return final_logits(m, x).float()
+
+    def _after_hook(self, fast: bool, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """The model that runs the layers after the hook (``fast`` on a residual hook: the bf16 copy),
+        and ``x`` in its dtype (as given for the model itself)."""
+        if fast and self.start_layer is not None:
+            return self.fast_model(), x.to(torch.bfloat16)
+        return self.model, x
 
     @staticmethod
     def _replacing(resid: torch.Tensor) -> Callable[[torch.Tensor, Any], torch.Tensor]:
