@@ -605,26 +605,34 @@ class MicroEditor(EditMethod):
     def _target_gradients(self, prob: _EditProblem, z_hat: torch.Tensor, fast: bool = False, log_odds: bool = False) -> Float[torch.Tensor, "n_target seq d"]:
         """Gradient of each target token's log-prob (``log_odds``: log-odds) w.r.t. the reconstruction
         at every position: one forward pass and one batched backward pass (a vector-Jacobian product
-        per token, vmapped). ``fast``: in the bf16 copy (``bf16_steps``).
-
-        Token t's score depends on the final residual at its own position only, so the unembedding's
-        part is taken for all tokens in one plain backward pass, and the batched pass runs through
-        the blocks only (batching through the unembedding multiplied its cost by n_target: on
-        hallucination targets of ~40 tokens it was most of an edit; docs/RESULTS.md, "Session 16")."""
-        ids = prob.seq.target_ids
-        n_t = len(ids)
-        fast = fast and self.bf16_steps
+        per token, vmapped, through the blocks only: :meth:`_token_gradients`). ``fast``: in the bf16
+        copy (``bf16_steps``)."""
         zh = z_hat.detach()[None].clone().requires_grad_(True)
-        with torch.enable_grad(), self.detached():
+        with torch.enable_grad():
             resid = torch.where(prob.valid[None, :, None], zh.to(prob.z.dtype), prob.z)
-            h = self.site.final_resid(resid, prob.seq.tokens[None], prob.seq.target_positions[None], fast=fast)  # [1, n_t, d_model]
+        grad, _ = self._token_gradients(zh, resid, prob.seq.tokens[None], prob.seq.target_positions[None],
+                                        prob.seq.target_ids[None], log_odds, fast=fast and self.bf16_steps)
+        return grad[:, 0].float()
+
+    def _token_gradients(self, leaf: torch.Tensor, resid: Float[torch.Tensor, "batch seq d"], tokens: Int[torch.Tensor, "batch seq"],
+                         positions: Int[torch.Tensor, "batch n_t"], targets: Int[torch.Tensor, "batch n_t"], log_odds: bool,
+                         fast: bool = False) -> tuple[Float[torch.Tensor, "n_t batch seq d"], Float[torch.Tensor, "batch_n_t vocab"]]:
+        """Gradient w.r.t. ``leaf`` (what ``resid``, the activation at the hook, was computed from) of
+        each row's target token j's log-prob (``log_odds``: log-odds) at ``positions[:, j]``, batched
+        over j; and the logits there (flattened rows x tokens, detached). A token's score depends on
+        the final residual at its own position only, so the unembedding's part is one plain backward
+        pass and the batched pass runs through the blocks only (batched through the unembedding it
+        cost n_t times more; docs/RESULTS.md, "Session 16")."""
+        n_t, tgt = targets.shape[1], targets.flatten()
+        with torch.enable_grad(), self.detached():
+            h = self.site.final_resid(resid, tokens, positions, fast=fast)  # [B, n_t, d_model]
             h_leaf = h.detach().requires_grad_(True)
-            logits = self.site.unembed(h_leaf[0], fast)  # [n_t, vocab]
-            score = _log_odds(logits, ids) if log_odds else logits.log_softmax(-1)[torch.arange(n_t), ids]  # [n_t]
-            (g_h,) = torch.autograd.grad(score.sum(), h_leaf)  # token t's gradient sits at its own position only
-            picks = torch.eye(n_t, dtype=h.dtype)[:, None, :, None] * g_h[None]  # [n_t, 1, n_t, d_model]
-            (grad,) = torch.autograd.grad(h, zh, grad_outputs=picks, is_grads_batched=True)
-        return grad[:, 0].detach().float()
+            logits = self.site.unembed(h_leaf, fast).flatten(0, 1)  # [B*n_t, vocab]
+            lp = _log_odds(logits, tgt) if log_odds else logits.log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
+            (g_h,) = torch.autograd.grad(lp.sum(), h_leaf)  # each row's own score: rows are independent
+            picks = torch.eye(n_t, dtype=h.dtype)[:, None, :, None] * g_h[None]  # [n_t, B, n_t, d]: token j of every row
+            (grad,) = torch.autograd.grad(h, leaf, grad_outputs=picks, is_grads_batched=True)  # [n_t, B, seq, d]
+        return grad.detach(), logits.detach()
 
     def _run_stage(self, prob: _EditProblem, R: torch.Tensor, steps: int, with_edit: bool) -> StageStats:
         opt = torch.optim.Adam([R], lr=self.cfg.lr)
@@ -1023,19 +1031,11 @@ class MicroEditor(EditMethod):
         n_t = len(seqs[0].target_ids)
         if any(len(s.target_ids) != n_t for s in seqs):
             raise ValueError("_measure_targets takes sequences with the same number of target tokens")
-        pos = torch.stack([s.target_positions for s in seqs])
-        tgt = torch.stack([s.target_ids for s in seqs]).flatten()
+        tgt = torch.stack([s.target_ids for s in seqs])
         x.requires_grad_(True)
-        with torch.enable_grad(), self.detached():
-            h = self.site.final_resid(x, toks, pos)  # [B, n_t, d_model]
-            h_leaf = h.detach().requires_grad_(True)
-            logits = self.site.unembed(h_leaf).flatten(0, 1)  # [B*n_t, vocab]
-            lp = _log_odds(logits, tgt) if log_odds else logits.log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
-            (g_h,) = torch.autograd.grad(lp.sum(), h_leaf)  # each row's own score: rows are independent
-            picks = torch.eye(n_t, dtype=h.dtype)[:, None, :, None] * g_h[None]  # [n_t, B, n_t, d]: token j of every sequence
-            (grad,) = torch.autograd.grad(h, x, grad_outputs=picks, is_grads_batched=True)  # [n_t, B, seq, d]
-        level = _log_odds(logits.detach(), tgt).view(len(seqs), n_t)
-        return [(grad[:, b][:, valid[b]].detach().float(), level[b]) for b in range(len(seqs))]
+        grad, logits = self._token_gradients(x, x, toks, torch.stack([s.target_positions for s in seqs]), tgt, log_odds)
+        level = _log_odds(logits, tgt.flatten()).view(len(seqs), n_t)
+        return [(grad[:, b][:, valid[b]].float(), level[b]) for b in range(len(seqs))]
 
     def rollback(self, n_edits: int) -> None:
         if not 0 <= n_edits <= self.n_edits:
