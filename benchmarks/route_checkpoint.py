@@ -5,7 +5,8 @@ paraphrases, Generalization and the paraphrases' share in scope) with the switch
 
     python benchmarks/route_checkpoint.py EDITOR_DIR DATA_FILE [--format counterfact]
 
-EDITOR_DIR is a ``MicroEditor.save`` directory, e.g. a lifelong run's ``CKPT_DIR/T<T>_editor`` (its
+EDITOR_DIR is a ``MicroEditor.save`` directory, e.g. a lifelong run's ``CKPT_DIR/T<T>_final_editor``
+(``microedit eval --keep-editor``) or its mid-run ``CKPT_DIR/T<T>_editor`` (its
 edits must be the first ``n_edits`` records of DATA_FILE, as in the lifelong protocol). Prints one
 JSON line.
 """

@@ -18,7 +18,7 @@ CF_REF="$D/counterfact/counterfact-train.json"
 run() { .venv/bin/microedit eval "$@"; }
 case "${1:-zsre}" in
   zsre)          run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
-                     --checkpoint-dir "$OUT/ckpt_zsre" --out "$OUT/zsre_T1000.json" ;;
+                     --checkpoint-dir "$OUT/ckpt_zsre" --keep-editor --out "$OUT/zsre_T1000.json" ;;
   zsre-noscope)  run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
                      --config '{"keep_scope": null}' --checkpoint-dir "$OUT/ckpt_zsre_noscope" --out "$OUT/zsre_T1000_noscope.json" ;;
   zsre-allpositions) run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 1000 --T 1000 --reference "$ZSRE_REF" \
@@ -28,7 +28,7 @@ case "${1:-zsre}" in
   zsre-small)    run --data "$D/zsre/zsre_mend_eval_portability_gpt4.json" --limit 100 --T 1 10 100 --reference "$ZSRE_REF" \
                      --out "$OUT/zsre_T1_10_100.json" ;;
   hallucination) run --data "$D/hallucination/hallucination-edit.json" --limit 600 --T 600 --reference "$HALLU_REF" \
-                     --checkpoint-dir "$OUT/ckpt_hallu" --out "$OUT/hallucination_T600.json" ;;
+                     --checkpoint-dir "$OUT/ckpt_hallu" --keep-editor --out "$OUT/hallucination_T600.json" ;;
   hallucination-sweep) run --data "$D/hallucination/hallucination-edit.json" --limit 600 --T 1 10 100 --reference "$HALLU_REF" \
                      --checkpoint-dir "$OUT/ckpt_hallu_sweep" --out "$OUT/hallucination_T1_10_100.json" ;;
   hallucination-T1|hallucination-T10|hallucination-T100)
@@ -40,6 +40,6 @@ case "${1:-zsre}" in
   hallucination-small) run --data "$D/hallucination/hallucination-edit.json" --limit 100 --T 1 10 100 --reference "$HALLU_REF" \
                      --out "$OUT/hallucination_T1_10_100.json" ;;
   counterfact)   run --data "$D/counterfact/counterfact-edit.json" --limit 5000 --T 3000 5000 --reference "$CF_REF" \
-                     --checkpoint-dir "$OUT/ckpt_cf" --out "$OUT/counterfact_T3000_5000.json" ;;
+                     --checkpoint-dir "$OUT/ckpt_cf" --keep-editor --out "$OUT/counterfact_T3000_5000.json" ;;
   *) echo "unknown benchmark $1" >&2; exit 2 ;;
 esac

@@ -103,6 +103,8 @@ def _eval_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default="results.json")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--keep-editor", action="store_true",
+                   help="keep each T's last edited state (before scoring) in CHECKPOINT_DIR/T<T>_final_editor")
     p.add_argument("--no-generative", action="store_true", help="skip greedy exact-match scoring")
     p.add_argument("--dedupe", default="keep", choices=["error", "skip", "keep"])
 
@@ -114,7 +116,7 @@ def _eval_args(p: argparse.ArgumentParser):
         ds = load_dataset(a.data, format=a.format, limit=a.limit, dedupe=a.dedupe)
         refs = _reference_texts(a.reference, a.reference_limit)
         model, sae = load_model(a.model), load_sae(a.sae)
-        cfg = LifelongConfig(T=a.T, generative=not a.no_generative, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every)
+        cfg = LifelongConfig(T=a.T, generative=not a.no_generative, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every, keep_editor=a.keep_editor)
         res = run_lifelong(model, sae, ds.records, cfg, a.method, _method_config(a), refs, dataset_name=str(a.data))
         sys.stdout.write(res.write(a.out, ppl=not any(r.paraphrases for r in ds.records)))
         return 0

@@ -41,7 +41,13 @@ class LifelongConfig:
     checkpoint_dir: str | None = None
     """Where progress and mid-chunk editor state are saved; an existing checkpoint is resumed."""
     checkpoint_every: int = 100
-    """Save after this many edits (and at the end of every chunk that passes the mark)."""
+    """Save after this many edits (and at the end of every chunk that passes the mark). A chunk longer
+    than this is also saved when its edits are done, before it is scored, so an interruption during
+    the scoring loses no edit."""
+    keep_editor: bool = False
+    """Keep the editor of each T's last chunk, as it was after its edits (before scoring), in
+    ``CHECKPOINT_DIR/T<T>_final_editor`` (a ``MicroEditor.save`` directory, for
+    ``benchmarks/route_checkpoint.py`` and other analyses of the edited state). Needs ``checkpoint_dir``."""
     share_prefixes: bool = True
     """When several T give a single chunk each (e.g. T=3000 and 5000 over 5000 records), the smaller
     T's chunk is the prefix of the larger one's stream: make the larger stream's edits once and score
@@ -53,6 +59,8 @@ class LifelongConfig:
             raise ValueError(f"T values must be >= 1, got {self.T}")
         if self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("batch_size and checkpoint_every must be >= 1")
+        if self.keep_editor and not self.checkpoint_dir:
+            raise ValueError("keep_editor needs a checkpoint_dir to keep the editor in")
 
 
 @dataclass
@@ -346,6 +354,12 @@ class LifelongRunner:
                     state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
                     _save_progress(ckpt, progress)
                     since_save = 0
+            last = c + 1 == n_chunks
+            saved_edits = mid is not None and (T_eff > cfg.checkpoint_every or (cfg.keep_editor and last))
+            if saved_edits and done < T_eff:  # done == T_eff: restored from this very save
+                self.editor.save(mid)
+                state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
+                _save_progress(ckpt, progress)
             t0 = time.perf_counter()
             scores = self.score(chunk, list(range(c * T_eff, (c + 1) * T_eff)), base, cfg, info)
             state["score_s"] += time.perf_counter() - t0
@@ -354,11 +368,17 @@ class LifelongRunner:
             state.pop("mid_chunk", None)
             state.pop("mid_info", None)
             self.editor.rollback(0)
-            if ckpt is not None and (since_save >= cfg.checkpoint_every or c + 1 == n_chunks):
+            if ckpt is not None and (since_save >= cfg.checkpoint_every or last or saved_edits):
                 state["wall_s"] = time.perf_counter() - t_wall
                 _save_progress(ckpt, progress)
                 if mid is not None and mid.exists():
-                    shutil.rmtree(mid)
+                    if cfg.keep_editor and last:
+                        final = ckpt / f"T{T}_final_editor"
+                        if final.exists():
+                            shutil.rmtree(final)
+                        mid.rename(final)
+                    else:
+                        shutil.rmtree(mid)
                 since_save = 0
         bar.close()
         state["wall_s"] = time.perf_counter() - t_wall

@@ -128,6 +128,49 @@ def test_resume_reproduces_results(tiny_model, tiny_sae, tmp_path):
         assert a == b
 
 
+def test_interruption_while_scoring_loses_no_edit_and_keeps_the_final_editor(tiny_model, tiny_sae, tmp_path):
+    """A chunk longer than checkpoint_every is saved before it is scored: interrupted in the scoring,
+    the run resumes without redoing an edit and gives the same numbers; keep_editor leaves the edited
+    state (before scoring) in T<T>_final_editor."""
+    from microedit_lens.methods.microedit import MicroEditor
+
+    recs = make_records(4)
+    full = run_lifelong(tiny_model, tiny_sae, recs, LifelongConfig(T=[4], generative=False),
+                        method_config=MicroEditConfig(**CFG), reference_texts=REFS)
+    ck = tmp_path / "ck"
+    cfg = LifelongConfig(T=[4], generative=False, checkpoint_dir=str(ck), checkpoint_every=3, keep_editor=True)
+    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), REFS)
+    w_after_edits = {}
+
+    def interrupt(*args, **kwargs):
+        w_after_edits["W"] = runner.editor.sae.W_dec.detach().clone()
+        raise KeyboardInterrupt
+
+    runner.score = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(recs, cfg)
+    runner.close()
+    edits = {"n": 0}
+    runner = LifelongRunner(tiny_model, tiny_sae, "microedit", MicroEditConfig(**CFG), REFS)
+    real_edit = runner.editor.edit
+
+    def counted(req):
+        edits["n"] += 1
+        return real_edit(req)
+
+    runner.editor.edit = counted
+    resumed = runner.run(recs, cfg)
+    runner.close()
+    assert edits["n"] == 0
+    key = lambda r: (r.reliability, r.generalization, r.locality, r.ppl)
+    assert [key(r) for r in resumed.runs[4].records] == [key(r) for r in full.runs[4].records]
+    assert not (ck / "T4_editor").exists()
+    kept = MicroEditor.load(ck / "T4_final_editor", tiny_model, sae=tiny_sae, attach=False)
+    assert kept.n_edits == 4 and torch.equal(kept.sae.W_dec, w_after_edits["W"])
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        LifelongConfig(keep_editor=True)
+
+
 def test_shared_prefix_equals_separate_runs(tiny_model, tiny_sae, tmp_path):
     """T=3 and T=5 over 5 records are one chunk each: scoring T=3 at the 3rd edit of the T=5 stream
     gives exactly the numbers of a separate T=3 run, also across an interruption."""
@@ -232,3 +275,29 @@ def test_a_failed_edit_is_reported_and_the_stream_goes_on(tiny_model, tiny_sae, 
     runner.close()
     key = lambda r: (r.index, r.reliability, r.generalization, r.locality, r.ppl, r.edit_error)
     assert [key(r) for r in resumed.runs[4].records] == [key(r) for r in rows]
+
+
+def test_eval_cli_runs_the_protocol_and_keeps_the_editor(tiny_model, tiny_sae, tmp_path, monkeypatch):
+    """`microedit eval` end to end on the tiny model: results.json has each T's means under the
+    documented names, and --keep-editor leaves the edited state of the stream."""
+    import json
+
+    import microedit_lens
+    from microedit_lens.cli import main
+    from microedit_lens.methods.microedit import MicroEditor
+
+    monkeypatch.setattr(microedit_lens, "load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(microedit_lens, "load_sae", lambda *a, **k: tiny_sae)
+    data = tmp_path / "reqs.jsonl"
+    data.write_text("\n".join(json.dumps(r.to_dict()) for r in make_records(4)))
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps(REFS))
+    out, ck = tmp_path / "results.json", tmp_path / "ck"
+    rc = main(["eval", "--data", str(data), "--T", "1", "4", "--reference", str(refs), "--no-generative",
+               "--config", json.dumps(CFG), "--checkpoint-dir", str(ck), "--keep-editor", "--out", str(out)])
+    assert rc == 0
+    runs = json.loads(out.read_text())["results"]
+    for T in ("1", "4"):
+        assert {"reliability", "generalization", "locality"} <= set(runs[T])
+    kept = MicroEditor.load(ck / "T4_final_editor", tiny_model, sae=tiny_sae, attach=False)
+    assert kept.n_edits == 4 and MicroEditor.load(ck / "T1_final_editor", tiny_model, sae=tiny_sae, attach=False).n_edits == 1
