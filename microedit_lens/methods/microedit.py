@@ -143,14 +143,16 @@ class MicroEditConfig:
     keep_positions: int = 4
     """keep_targets only: per target token, the constraint uses the positions with the largest
     gradient (most of a token's sensitivity is at a few positions; cost grows with the square)."""
-    refresh_every: int = 0
+    refresh_every: int = 200
     """keep_targets only: every this many edits, re-measure the stored sensitivities (and levels) of
     every edit so far at the current decoder, so that they are not stale and the levels' first-order
     drift does not accumulate; done when the next edit starts (never after a stream's last edit).
-    0 = never. A refresh runs the layers after the hook forward and backward once per stored edit,
-    batched, from the codes the memory stores (~0.09 s per stored ZsRE edit on one shared core), so
-    its total cost still grows with the square of the stream. ZsRE T=1000 with 200: Rel 0.83 -> 0.87,
-    generative exact match 0.62 -> 0.76 (docs/RESULTS.md)."""
+    0 = never (the default before session 17). A refresh runs the layers after the hook forward and
+    backward once per stored edit, batched, from the codes the memory stores (~0.05 s per stored ZsRE
+    edit on one core with bf16 steps, ~0.09 s in fp32 on a shared core), so its total cost grows with
+    the square of the stream: ~3% of a 1000-edit ZsRE stream's time, an estimated hour over a
+    5000-edit one. ZsRE T=1000, session 17, same machine and code: Rel 0.87 -> 0.92, generative exact
+    match 0.67 -> 0.81 (docs/RESULTS.md); streams of 200 edits or fewer never refresh."""
     keep_floor: float | None = 2.0
     """keep_targets with a floor (log-odds, nats): instead of holding the earlier target tokens an
     update would lower most at zero change, keep every earlier target token's *estimated log-odds*
