@@ -331,6 +331,14 @@ class LifelongRunner:
         mid = ckpt / f"T{T}_editor" if ckpt else None
         bar = tqdm(total=n_chunks * T_eff, initial=state["chunks_done"] * T_eff, desc=f"T={T}", unit="edit")
         since_save = 0
+
+        def save_mid_chunk(c: int, info: list[_EditInfo]) -> None:
+            """The editor as it is in chunk ``c`` and the progress that resumes it there."""
+            assert ckpt is not None and mid is not None
+            self.editor.save(mid)
+            state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
+            _save_progress(ckpt, progress)
+
         for c in range(state["chunks_done"], n_chunks):
             chunk = records[c * T_eff : (c + 1) * T_eff]
             done = 0
@@ -350,16 +358,12 @@ class LifelongRunner:
                     progress[str(j + 1)] = self._score_prefix(chunk[: j + 1], base, cfg, info, time.perf_counter() - t_wall)
                 # a scored prefix is saved at once, so an interruption after it loses nothing
                 if ckpt is not None and (prefix_done or (since_save >= cfg.checkpoint_every and j + 1 < T_eff)):
-                    self.editor.save(mid)
-                    state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
-                    _save_progress(ckpt, progress)
+                    save_mid_chunk(c, info)
                     since_save = 0
             last = c + 1 == n_chunks
             saved_edits = mid is not None and (T_eff > cfg.checkpoint_every or (cfg.keep_editor and last))
             if saved_edits and done < T_eff:  # done == T_eff: restored from this very save
-                self.editor.save(mid)
-                state.update(mid_chunk=c, mid_info=info, wall_s=time.perf_counter() - t_wall)
-                _save_progress(ckpt, progress)
+                save_mid_chunk(c, info)
             t0 = time.perf_counter()
             scores = self.score(chunk, list(range(c * T_eff, (c + 1) * T_eff)), base, cfg, info)
             state["score_s"] += time.perf_counter() - t0
