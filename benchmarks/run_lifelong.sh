@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The lifelong benchmarks of docs/RESULTS.md (WISE protocol), on the embedded model and shipped SAE.
 # Usage: bash benchmarks/run_lifelong.sh [zsre|zsre-noscope|zsre-allpositions|zsre-sweep|zsre-small|hallucination|hallucination-sweep|hallucination-T1|
-#        hallucination-T10|hallucination-T100|hallucination-table|hallucination-small|counterfact] [OUT_DIR]
+#        hallucination-T10|hallucination-T100|hallucination-table|hallucination-small|counterfact|counterfact-T1000] [OUT_DIR]
 # zsre = the T=1000 stream (zsre-noscope: without keep_scope, the default before session 13;
 # zsre-allpositions: keep_scope with every position of a held edit, session 12's option); zsre-sweep = T=1,10,100 over the same 1000 records; counterfact = one 5000-edit
-# stream scored after edit 3000 (T=3000) and 5000 (T=5000). hallucination-T1/T10/T100 are the sweep's T
+# stream scored after edit 3000 (T=3000) and 5000 (T=5000); counterfact-T1000 = the first 1000 records as one stream. hallucination-T1/T10/T100 are the sweep's T
 # values one per process (run two side by side on 2 cores, OMP_NUM_THREADS=1 each); hallucination-table
 # merges them with T=600 into one table. Every run checkpoints and resumes (same command).
 set -euo pipefail
@@ -41,5 +41,7 @@ case "${1:-zsre}" in
                      --out "$OUT/hallucination_T1_10_100.json" ;;
   counterfact)   run --data "$D/counterfact/counterfact-edit.json" --limit 5000 --T 3000 5000 --reference "$CF_REF" \
                      --checkpoint-dir "$OUT/ckpt_cf" --keep-editor --out "$OUT/counterfact_T3000_5000.json" ;;
+  counterfact-T1000) run --data "$D/counterfact/counterfact-edit.json" --limit 1000 --T 1000 --reference "$CF_REF" \
+                     --checkpoint-dir "$OUT/ckpt_cf1000" --keep-editor --out "$OUT/counterfact_T1000.json" ;;
   *) echo "unknown benchmark $1" >&2; exit 2 ;;
 esac

@@ -1,0 +1,36 @@
+"""The benchmark scripts' own computations (benchmarks/ is not a package: loaded by path)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from microedit_lens import EditRequest, MicroEditConfig, MicroEditor
+
+_SPEC = importlib.util.spec_from_file_location("ard_parts", Path(__file__).parents[2] / "benchmarks" / "ard_parts.py")
+ard_parts = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ard_parts)
+
+
+def test_subject_positions(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = tok("who founded acme corp?").input_ids
+    mask = ard_parts.subject_positions(tok, ids, "acme corp")
+    assert "".join(c for c, m in zip("who founded acme corp?", mask) if m) == "acme corp"
+    assert not ard_parts.subject_positions(tok, ids, "zeta").any()
+    assert not ard_parts.subject_positions(tok, ids, None).any()
+
+
+def test_parts_sum_to_the_switch_ard(tiny_model, tiny_sae, reference_texts):
+    """subject + other + target = the ARD the switch computes for prompt + target, over tau, under the
+    current decoder; under the unedited decoder it is the pre-edit ARD."""
+    ed = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0))
+    ed.calibrate(reference_texts)
+    before = ed.route(["abc def xyz"]).ard.item() / ed.tau
+    ed.edit(EditRequest("abc def", "xyz", subject="def"))
+    parts = ard_parts.parts_over_tau(ed, "abc def", "xyz", "def", ed.sae.W_dec)
+    assert all(p >= 0 for p in parts) and parts[0] > 0
+    assert sum(parts) == pytest.approx(ed.route(["abc def xyz"]).ard.item() / ed.tau, rel=1e-5)
+    assert sum(ard_parts.parts_over_tau(ed, "abc def", "xyz", "def", ed._W_dec0)) == pytest.approx(before, rel=1e-5)
+    assert not torch.equal(ed.sae.W_dec, ed._W_dec0)
