@@ -25,7 +25,7 @@ from microedit_lens import load_model
 from microedit_lens.data import load_dataset
 from microedit_lens.methods.microedit import MicroEditor
 from microedit_lens.metrics import encode_pair
-from microedit_lens.switch import sparse_decode
+from microedit_lens.switch import sparse_decode, valid_positions
 
 PARTS = ("subject", "other", "target")
 
@@ -45,17 +45,22 @@ def subject_positions(tokenizer: Any, prompt_ids: Sequence[int], subject: str | 
 
 
 @torch.no_grad()
-def parts_over_tau(editor: MicroEditor, text: str, target: str, subject: str | None, W_dec: torch.Tensor) -> list[float]:
-    """(subject, other, target) shares of the ARD of ``text + target`` under ``W_dec``, over tau."""
+def parts_over_tau(editor: MicroEditor, text: str, target: str, subject: str | None,
+                   decoders: Sequence[torch.Tensor]) -> list[list[float]]:
+    """Per decoder in ``decoders`` (``W_dec`` values): the (subject, other, target) shares of the ARD
+    of ``text + target``, over tau. The model runs once: the codes do not depend on the decoder."""
     tok = editor.model.tokenizer
     p, a = encode_pair(tok, text, target)
     z, vals, idx = editor._clean_and_codes(torch.tensor(p + a)[None])
-    err = ((sparse_decode(vals, idx, W_dec, editor.sae.b_dec) - z) ** 2).sum(-1)[0].float()
-    valid = torch.arange(len(p) + len(a)) >= editor.cfg.skip_first
+    valid = valid_positions(1, len(p) + len(a), editor.cfg.skip_first, z.device)[0]
     subj = torch.cat([subject_positions(tok, p, subject), torch.zeros(len(a), dtype=torch.bool)])
     tgt = torch.arange(len(p) + len(a)) >= len(p)
     norm = editor.cfg.alpha * int(valid.sum()) * editor.switch.tau
-    return [float(err[m & valid].sum()) / norm for m in (subj, ~subj & ~tgt, tgt)]
+    out = []
+    for W_dec in decoders:
+        err = ((sparse_decode(vals, idx, W_dec, editor.sae.b_dec) - z) ** 2).sum(-1)[0].float()
+        out.append([float(err[m & valid].sum()) / norm for m in (subj, ~subj & ~tgt, tgt)])
+    return out
 
 
 def main() -> None:
@@ -73,8 +78,7 @@ def main() -> None:
     for i, r in enumerate(recs):
         kinds = [("prompt", r.prompt)] + ([("paraphrase", r.paraphrases[0])] if r.paraphrases else [])
         for kind, text in kinds:
-            now = parts_over_tau(ed, text, r.target, r.subject, ed.sae.W_dec)
-            before = parts_over_tau(ed, text, r.target, r.subject, ed._W_dec0)
+            now, before = parts_over_tau(ed, text, r.target, r.subject, (ed.sae.W_dec, ed._W_dec0))
             rows.setdefault((kind, i * a.bins // n), []).append(now + before)
     for (kind, b), v in sorted(rows.items()):
         t = torch.tensor(v)
