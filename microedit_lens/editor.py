@@ -454,6 +454,8 @@ class SelectedSensitivities:
     _cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
     """``A`` and ``grad`` in the dtype of the row changes they are applied to (made once: an edit
     applies ``change`` several times per step, and the cast of ``grad`` was a fifth of its cost)."""
+    _grams: "GramCache | None" = field(default=None, repr=False, compare=False)
+    """Products among ``grad`` rows that held steps asked for (:meth:`gram`)."""
 
     def change(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " n_constraints"]:
         """First-order change of every selected target log-prob under ``dR``."""
@@ -463,11 +465,50 @@ class SelectedSensitivities:
         per_pos = (torch.sparse.mm(A, dR) * grad).sum(-1)
         return torch.zeros(self.n_constraints, dtype=dR.dtype).index_add_(0, self.constraint, per_pos)
 
+    def gram(self, pos: Int[torch.Tensor, " p"]) -> Float[torch.Tensor, "p p"]:
+        """``grad[pos] @ grad[pos].T`` (float32), each entry pair computed once per selection (the held
+        steps of one edit choose overlapping sets of earlier tokens, round after round)."""
+        if self._grams is None:
+            self._grams = GramCache(self.grad)
+        return self._grams.block(pos)
+
     def subset(self, chosen: Int[torch.Tensor, " j"]) -> "SelectedSensitivities":
         """Only the constraints ``chosen``, renumbered ``0..len(chosen)-1`` in that order."""
         pos, renumbered = entries_of(self.constraint, self.n_constraints, chosen)
         return SelectedSensitivities(self.A.index_select(0, pos).coalesce(), self.grad[pos], renumbered, len(chosen),
                                      None if self.token is None else self.token[chosen], None if self.level is None else self.level[chosen])
+
+
+class GramCache:
+    """Dot products ``G[e] . G[f]`` of the rows of a fixed ``G``, computed for the rows asked so far
+    (a block for the new rows against all cached ones as they are first asked for); at most
+    ``max_rows`` are kept (beyond it the cache starts again from the rows asked)."""
+
+    def __init__(self, G: Float[torch.Tensor, "n d"], max_rows: int = 8192) -> None:
+        self.G = G.float()
+        self.max_rows = max_rows
+        self.slot = torch.full((G.shape[0],), -1, dtype=torch.long)
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.gram = torch.zeros(0, 0)
+
+    def block(self, pos: Int[torch.Tensor, " p"]) -> Float[torch.Tensor, "p p"]:
+        """The products among the rows ``pos`` (distinct)."""
+        new = pos[self.slot[pos] < 0]
+        if len(new):
+            if len(self.rows) + len(new) > self.max_rows:
+                self.slot[self.rows] = -1
+                self.rows, self.gram = torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
+                new = pos
+            n0, rows = len(self.rows), torch.cat([self.rows, new])
+            block = self.G[new] @ self.G[rows].T  # [new, all]
+            gram = torch.empty(len(rows), len(rows))
+            gram[:n0, :n0] = self.gram
+            gram[n0:] = block
+            gram[:n0, n0:] = block[:, :n0].T
+            self.slot[new] = torch.arange(n0, len(rows))
+            self.rows, self.gram = rows, gram
+        s = self.slot[pos]
+        return self.gram[s][:, s]
 
 
 class SensitivityBank(CodeBank):

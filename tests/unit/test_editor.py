@@ -531,7 +531,7 @@ def test_constraint_solve_meets_its_right_hand_side():
     L = torch.linalg.cholesky(H)
     chosen = torch.tensor([3, 0, 4])
     dR = torch.randn(m, d, generator=g, dtype=torch.float64)
-    held = _Constraints.held(sens.subset(chosen))
+    held = _Constraints.held(sens, chosen)
     torch.testing.assert_close(held.change(dR), sens.change(dR)[chosen])
     Ae = torch.rand(4, m, generator=g, dtype=torch.float64)
     grads = torch.randn(2, 4, d, generator=g)
@@ -558,6 +558,53 @@ def test_constraint_solve_meets_its_right_hand_side():
         K = torch.einsum("imd,jmd->ij", C, PC)
         want = torch.einsum("j,jmd->md", torch.linalg.solve(K, r), PC)
         torch.testing.assert_close(MicroEditor._solve_constraints(cons, lambda At: torch.cholesky_solve(At, L), r), want)
+
+
+def test_gram_blocks_are_the_dense_products():
+    """GramCache returns G[pos] @ G[pos].T for overlapping requests in any order (and after it
+    starts again past max_rows); a concatenated constraint set's gram, built from its parts'
+    blocks, equals the dense gram of all its gradients."""
+    from microedit_lens.editor import GramCache
+    from microedit_lens.methods.microedit import _Constraints
+
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(30, 7, generator=g)
+    cache = GramCache(G, max_rows=12)
+    for pos in ([3, 1, 7], [7, 2, 3, 9], [9], [0, 5, 6, 8, 10, 11, 12, 13], [13, 3, 29]):
+        pos = torch.tensor(pos)
+        torch.testing.assert_close(cache.block(pos), G[pos] @ G[pos].T)
+    assert len(cache.rows) <= 12
+    m = 6
+
+    def cons(n: int, n_c: int) -> _Constraints:
+        return _Constraints(torch.rand(m, n, generator=g, dtype=torch.float64), torch.arange(n), torch.randn(n, 7, generator=g, dtype=torch.float64),
+                            torch.arange(n) % n_c, n_c)
+
+    a, b, c = cons(4, 2), cons(3, 3), cons(5, 1)
+    abc = a.concat(b).concat(c)
+    torch.testing.assert_close(abc.gram, abc.G.float() @ abc.G.float().T)
+
+
+def test_psd_solve_is_the_pseudo_inverse_by_cholesky_or_eigendecomposition(monkeypatch):
+    """_solve_psd: on a well-conditioned K the Cholesky solve (no eigendecomposition); where
+    constraints repeat one another (a zero pivot) the eigendecomposition's pseudo-inverse (the
+    least-squares compromise, not an exploding solution); an empty system gives an empty answer."""
+    from microedit_lens.methods import microedit as me
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    K, rhs = X @ X.T, torch.randn(6, generator=g, dtype=torch.float64)
+    calls = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda A: calls.append(A.shape) or real_eigh(A))
+    torch.testing.assert_close(me._solve_psd(K, rhs), torch.linalg.solve(K, rhs))
+    assert calls == []
+    Xd = torch.cat([X, X[:2]])  # constraints 6, 7 repeat 0, 1 with other asks
+    Kd, rhs_d = Xd @ Xd.T, torch.cat([rhs, torch.tensor([1.0, -2.0], dtype=torch.float64)])
+    lam = me._solve_psd(Kd, rhs_d)
+    assert calls == [(8, 8)]
+    torch.testing.assert_close(lam, torch.linalg.pinv(Kd, rtol=1e-10, hermitian=True) @ rhs_d)
+    assert me._solve_psd(torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)).shape == (0,)
 
 
 def test_target_gradients_match_finite_differences(tiny_model, tiny_sae, reference_texts):
