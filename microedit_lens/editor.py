@@ -372,7 +372,7 @@ class SelectedScope:
         """Every selected edit's ARD after the row change ``dR`` (exact)."""
         A, e, w = self._as(dR.dtype)
         change = torch.sparse.mm(A, dR)
-        per = w * ((2 * e + change) * change).sum(-1)
+        per = w * torch.linalg.vecdot(torch.add(change, e, alpha=2), change)  # ||e + c||^2 - ||e||^2, one [n, d] temporary
         return self.ard.to(dR.dtype).index_add(0, self.constraint, per)
 
     def gradient(self, dR: Float[torch.Tensor, "m d"], pos: Int[torch.Tensor, " j"]) -> Float[torch.Tensor, "j d"]:
@@ -462,12 +462,12 @@ class SelectedSensitivities:
         if dR.dtype not in self._cast:
             self._cast[dR.dtype] = (self.A.to(dR.dtype), self.grad.to(dR.dtype))
         A, grad = self._cast[dR.dtype]
-        per_pos = (torch.sparse.mm(A, dR) * grad).sum(-1)
+        per_pos = torch.linalg.vecdot(torch.sparse.mm(A, dR), grad)
         return torch.zeros(self.n_constraints, dtype=dR.dtype).index_add_(0, self.constraint, per_pos)
 
     def gram(self, pos: Int[torch.Tensor, " p"]) -> Float[torch.Tensor, "p p"]:
-        """``grad[pos] @ grad[pos].T`` (float32), each entry pair computed once per selection (the held
-        steps of one edit choose overlapping sets of earlier tokens, round after round)."""
+        """``grad[pos] @ grad[pos].T`` (float32); a held step's re-check, which adds tokens after those
+        held already, computes only the new entries' products (:class:`GramCache`)."""
         if self._grams is None:
             self._grams = GramCache(self.grad)
         return self._grams.block(pos)
@@ -480,35 +480,30 @@ class SelectedSensitivities:
 
 
 class GramCache:
-    """Dot products ``G[e] . G[f]`` of the rows of a fixed ``G``, computed for the rows asked so far
-    (a block for the new rows against all cached ones as they are first asked for); at most
-    ``max_rows`` are kept (beyond it the cache starts again from the rows asked)."""
+    """Dot products ``G[e] . G[f]`` among rows of a fixed ``G`` asked for as a growing list: when a
+    request starts with the previous one (a held step's re-check adds earlier tokens after those it
+    holds already), only the new rows' products are computed; any other request starts again.
+    (Gathering a block from a larger cached gram costs about as much as computing it: the held
+    sets' ~2,000 x 576 products are memory bound.)"""
 
-    def __init__(self, G: Float[torch.Tensor, "n d"], max_rows: int = 8192) -> None:
+    def __init__(self, G: Float[torch.Tensor, "n d"]) -> None:
         self.G = G.float()
-        self.max_rows = max_rows
-        self.slot = torch.full((G.shape[0],), -1, dtype=torch.long)
         self.rows = torch.zeros(0, dtype=torch.long)
         self.gram = torch.zeros(0, 0)
 
     def block(self, pos: Int[torch.Tensor, " p"]) -> Float[torch.Tensor, "p p"]:
-        """The products among the rows ``pos`` (distinct)."""
-        new = pos[self.slot[pos] < 0]
-        if len(new):
-            if len(self.rows) + len(new) > self.max_rows:
-                self.slot[self.rows] = -1
-                self.rows, self.gram = torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
-                new = pos
-            n0, rows = len(self.rows), torch.cat([self.rows, new])
-            block = self.G[new] @ self.G[rows].T  # [new, all]
-            gram = torch.empty(len(rows), len(rows))
+        """The products among the rows ``pos``, in that order."""
+        n0 = len(self.rows)
+        if n0 > len(pos) or not torch.equal(pos[:n0], self.rows):
+            n0, self.rows, self.gram = 0, pos[:0], torch.zeros(0, 0)
+        if len(pos) > n0:
+            block = self.G[pos[n0:]] @ self.G[pos].T  # [new, all]
+            gram = torch.empty(len(pos), len(pos))
             gram[:n0, :n0] = self.gram
             gram[n0:] = block
             gram[:n0, n0:] = block[:, :n0].T
-            self.slot[new] = torch.arange(n0, len(rows))
-            self.rows, self.gram = rows, gram
-        s = self.slot[pos]
-        return self.gram[s][:, s]
+            self.rows, self.gram = pos.clone(), gram
+        return self.gram
 
 
 class SensitivityBank(CodeBank):

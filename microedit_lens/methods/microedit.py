@@ -1210,8 +1210,11 @@ class _Constraints:
     @classmethod
     def held(cls, sens: SelectedSensitivities, chosen: Int[torch.Tensor, " j"]) -> "_Constraints":
         """Stored sensitivities of the ``chosen`` earlier target tokens (numbered in that order; one
-        atom per stored position)."""
+        atom per stored position; entries in that order too, so that a set grown by appending tokens
+        starts with the previous set's entries and reuses their gram)."""
         pos, constraint = entries_of(sens.constraint, sens.n_constraints, chosen)
+        order = torch.argsort(constraint, stable=True)
+        pos, constraint = pos[order], constraint[order]
         At = sens.A.index_select(0, pos).to_dense().T.to(torch.float64).contiguous()
         return cls(At, torch.arange(At.shape[1]), sens.grad[pos].to(torch.float64), constraint, len(chosen), sens.gram(pos))
 
@@ -1251,7 +1254,7 @@ class _Constraints:
 
     def change(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " j"]:
         """First-order value of every constraint at ``dR``."""
-        per = ((self.At.T @ dR)[self.atom] * self.G).sum(-1)
+        per = torch.linalg.vecdot((self.At.T @ dR)[self.atom], self.G)
         return torch.zeros(self.n_constraints, dtype=dR.dtype).index_add_(0, self.seg, per)
 
 
