@@ -356,30 +356,33 @@ class SelectedScope:
     edit: Int[torch.Tensor, " n_constraints"]
     """Each constraint's edit number."""
 
-    _cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
-    """``A``, ``error`` and ``weight`` in the dtype of the row changes (made once per edit)."""
+    _f32: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    """``A`` (coalesced), ``error`` and ``weight`` in float32 (made once per edit)."""
 
     @property
     def n_constraints(self) -> int:
         return int(self.ard.shape[0])
 
-    def _as(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if dtype not in self._cast:
-            self._cast[dtype] = (self.A.to(dtype).coalesce(), self.error.to(dtype), self.weight.to(dtype))
-        return self._cast[dtype]
+    def _float32(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._f32 is None:
+            self._f32 = (self.A.float().coalesce(), self.error.float(), self.weight.float())
+        return self._f32
 
     def after(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " n_constraints"]:
-        """Every selected edit's ARD after the row change ``dR`` (exact)."""
-        A, e, w = self._as(dR.dtype)
-        change = torch.sparse.mm(A, dR)
+        """Every selected edit's ARD after the row change ``dR`` (exact up to float32 rounding: the
+        per-position products run in float32, a quarter of a float64 sparse product's time, and the
+        scope rule's tolerances are 1e-3 tau), in ``dR``'s dtype."""
+        A, e, w = self._float32()
+        change = torch.sparse.mm(A, dR.float())
         per = w * torch.linalg.vecdot(torch.add(change, e, alpha=2), change)  # ||e + c||^2 - ||e||^2, one [n, d] temporary
-        return self.ard.to(dR.dtype).index_add(0, self.constraint, per)
+        return self.ard.to(dR.dtype).index_add(0, self.constraint, per.to(dR.dtype))
 
     def gradient(self, dR: Float[torch.Tensor, "m d"], pos: Int[torch.Tensor, " j"]) -> Float[torch.Tensor, "j d"]:
         """At selected positions ``pos``, the gradient of their edit's ARD w.r.t. the position's
-        reconstruction at the row change ``dR`` (``2 weight_p (error_p + A_p dR)``)."""
-        A, e, w = self._as(dR.dtype)
-        return 2 * w[pos, None] * (e[pos] + torch.sparse.mm(A.index_select(0, pos), dR))
+        reconstruction at the row change ``dR`` (``2 weight_p (error_p + A_p dR)``; float32
+        products, in ``dR``'s dtype)."""
+        A, e, w = self._float32()
+        return (2 * w[pos, None] * (e[pos] + torch.sparse.mm(A.index_select(0, pos), dR.float()))).to(dR.dtype)
 
 
 class MemoryBank(AnchorBank):
@@ -451,19 +454,20 @@ class SelectedSensitivities:
     """With levels stored (``keep_floor``): each constraint's token number in the bank."""
     level: Float[torch.Tensor, " n_constraints"] | None = None
     """With levels stored: each constraint's estimated current log-odds (float64)."""
-    _cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
-    """``A`` and ``grad`` in the dtype of the row changes they are applied to (made once: an edit
-    applies ``change`` several times per step, and the cast of ``grad`` was a fifth of its cost)."""
+    _f32: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    """``A`` (coalesced) and ``grad`` in float32 (made once: an edit applies ``change`` several times
+    per step)."""
     _grams: "GramCache | None" = field(default=None, repr=False, compare=False)
     """Products among ``grad`` rows that held steps asked for (:meth:`gram`)."""
 
     def change(self, dR: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, " n_constraints"]:
-        """First-order change of every selected target log-prob under ``dR``."""
-        if dR.dtype not in self._cast:
-            self._cast[dR.dtype] = (self.A.to(dR.dtype), self.grad.to(dR.dtype))
-        A, grad = self._cast[dR.dtype]
-        per_pos = torch.linalg.vecdot(torch.sparse.mm(A, dR), grad)
-        return torch.zeros(self.n_constraints, dtype=dR.dtype).index_add_(0, self.constraint, per_pos)
+        """First-order change of every selected target log-prob under ``dR`` (float32 products, as
+        :meth:`SelectedScope.after`; the gradients are stored in bf16), in ``dR``'s dtype."""
+        if self._f32 is None:
+            self._f32 = (self.A.float().coalesce(), self.grad.float())
+        A, grad = self._f32
+        per_pos = torch.linalg.vecdot(torch.sparse.mm(A, dR.float()), grad)
+        return torch.zeros(self.n_constraints, dtype=dR.dtype).index_add_(0, self.constraint, per_pos.to(dR.dtype))
 
     def gram(self, pos: Int[torch.Tensor, " p"]) -> Float[torch.Tensor, "p p"]:
         """``grad[pos] @ grad[pos].T`` (float32); a held step's re-check, which adds tokens after those
@@ -471,12 +475,6 @@ class SelectedSensitivities:
         if self._grams is None:
             self._grams = GramCache(self.grad)
         return self._grams.block(pos)
-
-    def subset(self, chosen: Int[torch.Tensor, " j"]) -> "SelectedSensitivities":
-        """Only the constraints ``chosen``, renumbered ``0..len(chosen)-1`` in that order."""
-        pos, renumbered = entries_of(self.constraint, self.n_constraints, chosen)
-        return SelectedSensitivities(self.A.index_select(0, pos).coalesce(), self.grad[pos], renumbered, len(chosen),
-                                     None if self.token is None else self.token[chosen], None if self.level is None else self.level[chosen])
 
 
 class GramCache:

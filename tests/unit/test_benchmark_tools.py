@@ -11,6 +11,9 @@ from microedit_lens import EditRequest, MicroEditConfig, MicroEditor
 _SPEC = importlib.util.spec_from_file_location("ard_parts", Path(__file__).parents[2] / "benchmarks" / "ard_parts.py")
 ard_parts = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(ard_parts)
+_SPEC = importlib.util.spec_from_file_location("late_edits", Path(__file__).parents[2] / "benchmarks" / "late_edits.py")
+late_edits = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(late_edits)
 
 
 def test_subject_positions(tiny_model):
@@ -34,3 +37,14 @@ def test_parts_sum_to_the_switch_ard(tiny_model, tiny_sae, reference_texts):
     assert sum(parts) == pytest.approx(ed.route(["abc def xyz"]).ard.item() / ed.tau, rel=1e-5)
     assert sum(unedited) == pytest.approx(before, rel=1e-5)
     assert not torch.equal(ed.sae.W_dec, ed._W_dec0)
+
+
+def test_late_edits_times_edits_and_counts_solves(tiny_model, tiny_sae, reference_texts):
+    """timed_edits makes the edits and counts the constraint solves; the solve is restored after."""
+    original = MicroEditor.__dict__["_solve_constraints"]
+    ed = MicroEditor(tiny_model, tiny_sae)
+    ed.calibrate(reference_texts)
+    out = late_edits.timed_edits(ed, [EditRequest("abc def", "xyz"), EditRequest("ghi jkl", "uvw")])
+    assert ed.n_edits == 2 and out["edits"] == 2 and len(out["seconds"]) == 2 and len(out["steps"]) == 2
+    assert out["solves"] > 0 and out["solve_entries_max"] >= out["solve_entries_mean"] > 0
+    assert MicroEditor.__dict__["_solve_constraints"] is original

@@ -518,7 +518,7 @@ def test_minimal_update_asks_for_less_when_the_ard_goal_is_out_of_reach(tiny_mod
 def test_constraint_solve_meets_its_right_hand_side():
     """_solve_constraints returns a correction whose first-order effect on each constraint is the
     asked value, for stored (held) constraints, the edit's own (shared atoms) and both together;
-    subset renumbers constraints in the order asked."""
+    held constraints are numbered in the order asked."""
     from microedit_lens.editor import SelectedSensitivities
     from microedit_lens.methods.microedit import _Constraints
 
