@@ -10,21 +10,20 @@ Run it with ``PYTHONPATH=<a checkout>`` to time that checkout's code on the same
 Prints one JSON line. The saved editor is not modified (nothing is written back).
 """
 
-import argparse
 import contextlib
 import cProfile
 import io
 import json
-import os
 import pstats
 import time
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from microedit_lens import EditRequest, load_model, load_sae
+from microedit_lens import EditRequest
 from microedit_lens.data import load_dataset
 from microedit_lens.methods.microedit import MicroEditor
+from _common import load_saved_editor, saved_editor_parser
 
 
 @contextlib.contextmanager
@@ -68,18 +67,12 @@ def timed_edits(editor: MicroEditor, records: Sequence[EditRequest]) -> dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("editor")
-    ap.add_argument("data")
-    ap.add_argument("format")
-    ap.add_argument("n", type=int)
+    ap = saved_editor_parser(__doc__.splitlines()[0])
     ap.add_argument("--profile", type=int, default=0, help="also print cProfile's top N functions by own time")
     ap.add_argument("--save", help="save the decoder after the edits (torch.save) to compare code versions")
     ap.add_argument("--compare", help="a decoder saved by --save: report the largest difference")
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model, sae = load_model(), load_sae()
-    editor = MicroEditor.load(args.editor, model, sae=sae)
+    editor = load_saved_editor(args.editor)
     n0 = editor.n_edits
     records = load_dataset(args.data, args.format, limit=n0 + args.n).records[n0:n0 + args.n]
     prof = cProfile.Profile() if args.profile else None

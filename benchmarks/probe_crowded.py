@@ -12,18 +12,13 @@ switch an editor made without ``keep_floor`` to it: ``--config '{"keep_floor": 2
 Prints JSON lines. The saved editor is not modified (nothing is written back).
 """
 
-import argparse
 import dataclasses
 import json
-import os
 import time
 
-import torch
-
-from microedit_lens import load_model, load_sae
 from microedit_lens.data import load_dataset
 from microedit_lens.methods.microedit import MicroEditor
-from _common import accuracy_by_mode
+from _common import accuracy_by_mode, load_saved_editor, saved_editor_parser
 
 
 def measure(editor: MicroEditor, records, tag: str) -> dict:
@@ -35,19 +30,13 @@ def measure(editor: MicroEditor, records, tag: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("editor")
-    ap.add_argument("data")
-    ap.add_argument("format")
-    ap.add_argument("n", type=int)
+    ap = saved_editor_parser(__doc__.splitlines()[0])
     ap.add_argument("--config", default="{}", help="MicroEditConfig overrides for the new edits (JSON)")
     ap.add_argument("--tau-quantile", type=float, default=None, help="re-track tau at this reference quantile first")
     ap.add_argument("--before", action="store_true", help="also measure the previous 100 edits before the new ones")
     ap.add_argument("--refresh", action="store_true", help="re-measure the stored target sensitivities first (refresh_sensitivities)")
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model, sae = load_model(), load_sae()
-    editor = MicroEditor.load(args.editor, model, sae=sae)
+    editor = load_saved_editor(args.editor)
     editor.cfg = dataclasses.replace(editor.cfg, **json.loads(args.config))
     if args.tau_quantile is not None:
         editor.retrack_tau(args.tau_quantile)

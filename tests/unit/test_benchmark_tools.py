@@ -1,19 +1,32 @@
 """The benchmark scripts' own computations (benchmarks/ is not a package: loaded by path)."""
 
 import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from microedit_lens import EditRequest, MicroEditConfig, MicroEditor
 
-_SPEC = importlib.util.spec_from_file_location("ard_parts", Path(__file__).parents[2] / "benchmarks" / "ard_parts.py")
-ard_parts = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(ard_parts)
-_SPEC = importlib.util.spec_from_file_location("late_edits", Path(__file__).parents[2] / "benchmarks" / "late_edits.py")
-late_edits = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(late_edits)
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+
+
+def _load_script(name: str) -> ModuleType:
+    """A benchmark script as a module, with benchmarks/ on the path while it loads (for ``_common``)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+ard_parts = _load_script("ard_parts")
+late_edits = _load_script("late_edits")
 
 
 def test_subject_positions(tiny_model):
