@@ -328,7 +328,7 @@ def edit_and_score(
     try:
         if reference_texts:
             runner.editor.prepare(list(reference_texts))
-        baselines = runner.baselines(records, batch_size)
+        baselines = runner.baselines(records, batch_size, lower_cache=True)
         info: list[tuple[bool, float]] = []
         t0 = time.perf_counter()
         for i, request in enumerate(records):

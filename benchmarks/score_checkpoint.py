@@ -42,7 +42,7 @@ def main() -> None:
     runner = LifelongRunner.for_editor(ed, sae)
     cfg = LifelongConfig(T=[n], generative=not a.no_generative)
     t = time.time()
-    base = runner.baselines(recs, cfg.batch_size)
+    base = runner.baselines(recs, cfg.batch_size, cfg.lower_cache)
     sc = runner.score(recs, list(range(n)), base, cfg, [(r.success, r.seconds) for r in ed.results])
     run = trun_from_progress(n, 1, {"scores": [asdict(s) for s in sc], "edit_s": sum(r.seconds for r in ed.results),
                                     "score_s": time.time() - t, "wall_s": float("nan")})

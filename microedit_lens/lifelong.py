@@ -9,6 +9,7 @@ show progress with ETA, checkpoint every ``checkpoint_every`` edits and resume t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,6 +49,11 @@ class LifelongConfig:
     """Keep the editor of each T's last chunk, as it was after its edits (before scoring), in
     ``CHECKPOINT_DIR/T<T>_final_editor`` (a ``MicroEditor.save`` directory, for
     ``benchmarks/route_checkpoint.py`` and other analyses of the edited state). Needs ``checkpoint_dir``."""
+    lower_cache: bool = True
+    """Compute the blocks below the editing method's hook (which no edit changes:
+    ``EditMethod.unchanged_blocks``) once per scored sequence and run only the blocks above in each
+    scoring pass; the locality pairs' lower blocks are kept from the baselines to the end of the run
+    (float32, ``d_model`` values per token). The same numbers as without, to float rounding."""
     share_prefixes: bool = True
     """When several T give a single chunk each (e.g. T=3000 and 5000 over 5000 records), the smaller
     T's chunk is the prefix of the larger one's stream: make the larger stream's edits once and score
@@ -216,9 +222,11 @@ def _json_default(o: Any) -> Any:
 
 @dataclass
 class _Baselines:
-    """Pre-edit argmax tokens of the plain model on every locality pair, per record."""
+    """Pre-edit argmax tokens of the plain model on every locality pair, per record, and the lower
+    blocks' residuals of those pairs (``None`` without ``lower_cache``)."""
 
     loc: list[list[torch.Tensor]]
+    lower: metrics.LowerCache | None = None
 
 
 class LifelongRunner:
@@ -251,33 +259,43 @@ class LifelongRunner:
         self.editor.detach()
 
     # ---------------------------------------------------------------- scoring
-    def baselines(self, records: Sequence[EditRequest], batch_size: int) -> _Baselines:
+    def baselines(self, records: Sequence[EditRequest], batch_size: int, lower_cache: bool = False) -> _Baselines:
         prompts, answers, owner = [], [], []
         for i, r in enumerate(records):
             for p, a in _locality_pairs(r):
                 prompts.append(p)
                 answers.append(a)
                 owner.append(i)
+        lower = self._lower_cache(batch_size) if lower_cache else None
         with self.editor.detached():
-            tf = metrics.teacher_forced(self.model, prompts, answers, batch_size)
+            tf = metrics.teacher_forced(self.model, prompts, answers, batch_size, lower=lower)
         loc: list[list[torch.Tensor]] = [[] for _ in records]
         for i, a in zip(owner, tf.argmax):
             loc[i].append(a)
-        return _Baselines(loc)
+        return _Baselines(loc, lower)
+
+    def _lower_cache(self, batch_size: int) -> metrics.LowerCache | None:
+        """A cache of the blocks the method never changes, where it names any and the model is a
+        TransformerLens model."""
+        n = self.editor.unchanged_blocks
+        if n <= 0 or not hasattr(self.model, "blocks") or not hasattr(getattr(self.model, "cfg", None), "n_layers"):
+            return None
+        return metrics.LowerCache(self.model, n, batch_size)
 
     def score(self, records: Sequence[EditRequest], offsets: Sequence[int], base: _Baselines, cfg: LifelongConfig, edit_info: Sequence[tuple[Any, ...]]) -> list[RecordScore]:
         """Score ``records`` (global indices ``offsets``) with the current edits attached;
         ``edit_info``: (success, seconds[, error]) of each record's edit."""
         edit_info = [_EditInfo(*x) for x in edit_info]
-        pad = self.editor.padding
-        with self.editor.attached():
-            rel = metrics.teacher_forced(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad)
+        pad, bs, lower = self.editor.padding, cfg.batch_size, base.lower
+        # the prompts' and paraphrases' lower blocks are dropped after scoring; the locality pairs' stay
+        with self.editor.attached(), (lower.scoped() if lower is not None else contextlib.nullcontext()):
+            rel = metrics.teacher_forced(self.model, [r.prompt for r in records], [r.target for r in records], bs, pad, lower)
             para = [(i, p) for i, r in enumerate(records) for p in r.paraphrases]
-            gen = metrics.teacher_forced(self.model, [p for _, p in para], [records[i].target for i, _ in para], cfg.batch_size, pad)
+            gen = metrics.teacher_forced(self.model, [p for _, p in para], [records[i].target for i, _ in para], bs, pad, lower)
             locs = [(i, p, a) for i, r in enumerate(records) for p, a in _locality_pairs(r)]
-            loc = metrics.teacher_forced(self.model, [p for _, p, _ in locs], [a for _, _, a in locs], cfg.batch_size, pad)
-            em = (metrics.greedy_exact_match(self.model, [r.prompt for r in records], [r.target for r in records], cfg.batch_size, pad,
-                                                  self.editor.prefix_logits_at)
+            loc = metrics.teacher_forced(self.model, [p for _, p, _ in locs], [a for _, _, a in locs], bs, pad, lower)
+            em = (metrics.greedy_exact_match(self.model, [r.prompt for r in records], [r.target for r in records], bs, pad,
+                                             self.editor.prefix_logits_at, lower=lower)
                   if cfg.generative else [float("nan")] * len(records))
         gen_acc: list[list[float]] = [[] for _ in records]
         for (i, _), a in zip(para, gen.accuracy()):
@@ -299,7 +317,7 @@ class LifelongRunner:
         records = list(records)
         if not records:
             raise ValueError("no records to edit: the lifelong run needs at least one request")
-        base = self.baselines(records, cfg.batch_size)
+        base = self.baselines(records, cfg.batch_size, cfg.lower_cache)
         ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         progress = _load_progress(ckpt)
         single = sorted({min(t, len(records)) for t in cfg.T if len(records) // min(t, len(records)) == 1})

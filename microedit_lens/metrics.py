@@ -11,19 +11,20 @@
   ``len(target_ids)`` tokens after the prompt equals the target ids.
 
 All functions run right-padded batches (exact for causal models: real positions never attend to the
-padding on their right) and announce the padding to the editing method through ``padding`` so the
-switch's ARD ignores it.
+padding on their right), sorted by length so that little of a batch is padding, and announce the
+padding to the editing method through ``padding`` so the switch's ARD ignores it. Given a
+:class:`LowerCache`, they run only the blocks an editing method can change (see there).
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 
 PaddingContext = Callable[[torch.Tensor], ContextManager[Any]]
 
@@ -79,6 +80,83 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[torch.Tensor, 
     return toks, pad
 
 
+def _by_length(pairs: Sequence[tuple[list[int], list[int]]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``pairs`` in batches of similar total length (shortest first)."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
+@dataclass
+class ModelInput:
+    """A right-padded batch for :func:`logits_at`: its token ids and, optionally, the residual stream
+    entering block ``start`` for them (from a :class:`LowerCache`), so the pass runs the blocks from
+    ``start`` on only."""
+
+    tokens: Int[torch.Tensor, "b s"]
+    resid: Float[torch.Tensor, "b s d"] | None = None
+    start: int = 0
+
+
+class LowerCache:
+    """The residual stream entering block ``layer`` (the output of the blocks below it) per token
+    sequence, computed once by the model's lower blocks.
+
+    An editing method that changes nothing below block ``layer``
+    (:attr:`~microedit_lens.methods.base.EditMethod.unchanged_blocks`) leaves those blocks' outputs as
+    the plain model's, so every scoring pass over a sequence (before and after the edits, teacher-forced
+    and each greedy step over a prefix of it) can start at block ``layer``. Exact: the blocks are causal
+    and batches right-padded, so a prefix's residual is the prefix of its sequence's. Entries are float
+    tensors of ``[len, d_model]``; :meth:`scoped` drops what a block of code added."""
+
+    def __init__(self, model: Any, layer: int, batch_size: int = 32):
+        n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
+        if n_layers is None or not hasattr(model, "blocks"):
+            raise ValueError("a LowerCache needs a TransformerLens model (cfg.n_layers and blocks)")
+        if not 0 < layer <= n_layers:
+            raise ValueError(f"layer must be in 1..{n_layers} (blocks below it are cached), got {layer}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.layer, self.batch_size = model, layer, batch_size
+        self._resid: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._resid)
+
+    @torch.no_grad()
+    def add(self, seqs: Sequence[Sequence[int]]) -> None:
+        """Compute the residuals of the sequences not cached yet (batched by length)."""
+        todo = sorted({tuple(s) for s in seqs} - self._resid.keys(), key=len)
+        dev = self.model.cfg.device
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            toks, _ = _pad(chunk, 0)  # the pad id is never seen by a real position
+            out = self.model(toks.to(dev), stop_at_layer=self.layer)
+            for j, s in enumerate(chunk):
+                self._resid[s] = out[j, : len(s)].clone()
+
+    def inputs(self, tokens: Int[torch.Tensor, "b s"], pad: torch.Tensor, keys: Sequence[Sequence[int]]) -> ModelInput:
+        """The right-padded ``tokens`` (``pad`` True = padding) with their residuals (zero at padding);
+        row ``j``'s real tokens must be a prefix of the cached sequence ``keys[j]``."""
+        stored = [self._resid[tuple(k)] for k in keys]
+        resid = stored[0].new_zeros(tokens.shape[0], tokens.shape[1], stored[0].shape[-1])
+        for j, (r, n) in enumerate(zip(stored, (~pad).sum(1).tolist())):
+            if n > len(r) or tuple(tokens[j, :n].tolist()) != tuple(keys[j][:n]):
+                raise ValueError(f"row {j} of the batch is not a prefix of its cached sequence")
+            resid[j, :n] = r[:n]
+        return ModelInput(tokens, resid, self.layer)
+
+    @contextmanager
+    def scoped(self) -> Iterator["LowerCache"]:
+        """Entries added inside the block are dropped on exit (in ``finally``)."""
+        before = set(self._resid)
+        try:
+            yield self
+        finally:
+            for k in [k for k in self._resid if k not in before]:
+                del self._resid[k]
+
+
 def _scored_batch(chunk: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Right-padded ``prompt + answer`` tokens, pad mask, scored positions per pair and their row ids."""
     toks, pad = _pad([p + a for p, a in chunk], pad_id)
@@ -96,15 +174,29 @@ def _encode_all(model: Any, prompts: Sequence[str], answers: Sequence[str]) -> t
     return [encode_pair(tok, p, a) for p, a in zip(prompts, answers)], pad_id
 
 
-def logits_at(model: Any, toks: Int[torch.Tensor, "b s"], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def logits_at(model: Any, toks: "Int[torch.Tensor, 'b s'] | ModelInput", rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Logits at the positions ``(rows[i], cols[i])`` only, shape [n, vocab]. On a TransformerLens model
-    the unembedding (a fifth of a small model's forward) runs only there; other models run in full."""
+    the unembedding (a fifth of a small model's forward) runs only there; other models run in full.
+    A :class:`ModelInput` with residuals starts the pass at their block."""
+    x = toks if isinstance(toks, ModelInput) else ModelInput(toks)
     cfg = getattr(model, "cfg", None)
+    if x.resid is not None:
+        from microedit_lens.models import final_logits
+
+        return final_logits(model, model(x.resid, start_at_layer=x.start, stop_at_layer=cfg.n_layers)[rows, cols])
     if cfg is None or not hasattr(model, "unembed") or not hasattr(model, "ln_final"):
-        return model(toks)[rows, cols]
+        return model(x.tokens)[rows, cols]
     from microedit_lens.models import final_logits
 
-    return final_logits(model, model(toks, stop_at_layer=cfg.n_layers)[rows, cols])
+    return final_logits(model, model(x.tokens, stop_at_layer=cfg.n_layers)[rows, cols])
+
+
+def _input(toks: torch.Tensor, pad: torch.Tensor, keys: Sequence[Sequence[int]], lower: LowerCache | None, device: Any) -> "torch.Tensor | ModelInput":
+    """What :func:`logits_at` runs on (``keys``: each row's full cached sequence, with ``lower``)."""
+    if lower is None:
+        return toks.to(device)
+    x = lower.inputs(toks, pad, keys)
+    return ModelInput(x.tokens.to(device), x.resid.to(device) if x.resid is not None else None, x.start)
 
 
 @torch.no_grad()
@@ -114,29 +206,35 @@ def teacher_forced(
     answers: Sequence[str],
     batch_size: int = 32,
     padding: PaddingContext = _no_padding,
+    lower: LowerCache | None = None,
 ) -> TeacherForced:
-    """Argmax and NLL at every answer position of ``prompt + answer``."""
+    """Argmax and NLL at every answer position of ``prompt + answer`` (in the order given). With
+    ``lower``, the blocks below ``lower.layer`` are taken from it (computed there once per sequence)."""
     pairs, pad_id = _encode_all(model, prompts, answers)
-    out = TeacherForced([], [], [])
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
+    longest = max((len(p) + len(a) for p, a in pairs), default=0)
+    if longest > model.cfg.n_ctx:
+        raise ValueError(f"a scored sequence is {longest} tokens, longer than the context {model.cfg.n_ctx}")
+    if lower is not None:
+        lower.add([p + a for p, a in pairs])
+    per_pair: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * len(pairs)  # type: ignore[list-item]
+    dev = model.cfg.device
+    for idx in _by_length(pairs, batch_size):
+        chunk = [pairs[i] for i in idx]
         toks, pad, pos, rows = _scored_batch(chunk, pad_id)
-        if toks.shape[1] > model.cfg.n_ctx:
-            raise ValueError(f"a scored sequence is {toks.shape[1]} tokens, longer than the context {model.cfg.n_ctx}")
+        x = _input(toks, pad, [p + a for p, a in chunk], lower, dev)
         with padding(pad):
-            logits = logits_at(model, toks.to(model.cfg.device), rows.to(model.cfg.device), torch.cat(pos).to(model.cfg.device))
+            logits = logits_at(model, x, rows.to(dev), torch.cat(pos).to(dev))
         lp = logits.float().log_softmax(-1).cpu().split([len(q) for q in pos])
-        for j, (p, a) in enumerate(chunk):
+        for j, (i, (p, a)) in enumerate(zip(idx, chunk)):
             tgt = torch.tensor(a if a else p[1:] + [pad_id], dtype=torch.long)
-            out.argmax.append(lp[j].argmax(-1))
-            out.targets.append(tgt)
-            out.nll.append(-lp[j].gather(-1, tgt[:, None]).squeeze(-1))
-    return out
+            per_pair[i] = (lp[j].argmax(-1), tgt, -lp[j].gather(-1, tgt[:, None]).squeeze(-1))
+    return TeacherForced([a for a, _, _ in per_pair], [t for _, t, _ in per_pair], [n for _, _, n in per_pair])
 
 
-PrefixLogits = Callable[[Int[torch.Tensor, "b s"], torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+PrefixLogits = Callable[["Int[torch.Tensor, 'b s'] | ModelInput", torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 """``(tokens, pad_mask, rows, cols) -> logits [n, vocab]`` at positions ``(rows[i], cols[i])``, each as
-if its input ended at that position; ``None`` when the model cannot provide that in one pass (see
+if its input ended at that position (``tokens`` as :func:`logits_at` takes them: ids, or a
+:class:`ModelInput`); ``None`` when the model cannot provide that in one pass (see
 :meth:`~microedit_lens.methods.base.EditMethod.prefix_logits_at`)."""
 
 
@@ -149,6 +247,7 @@ def greedy_exact_match(
     padding: PaddingContext = _no_padding,
     prefix_logits: PrefixLogits | None = None,
     stepwise_steps: int = 2,
+    lower: LowerCache | None = None,
 ) -> list[bool]:
     """Does greedy decoding of ``len(answer_ids)`` tokens after each prompt give the answer ids?
 
@@ -157,28 +256,34 @@ def greedy_exact_match(
     ``0..i-1`` produced the answer's first ``i`` tokens, so its input is then ``prompt + answer[:i]``;
     with ``prefix_logits`` (a switched editor: position ``p`` of a longer input may be routed otherwise
     than the input cut after ``p``), the sequences still undecided after ``stepwise_steps`` steps (most
-    misses fail at the first token) are finished in one batched call that gives every remaining step."""
+    misses fail at the first token) are finished in one batched call that gives every remaining step.
+    With ``lower``, every pass starts at its block (the decoded inputs are prefixes of prompt+answer)."""
     pairs, pad_id = _encode_all(model, prompts, answers)
-    result: list[bool] = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        ok = _exact_match_stepwise(model, chunk, pad_id, padding, stepwise_steps if prefix_logits is not None else None)
+    if lower is not None:
+        lower.add([p + a for p, a in pairs])
+    result: list[bool] = [False] * len(pairs)
+    for idx in _by_length(pairs, batch_size):
+        chunk = [pairs[i] for i in idx]
+        ok = _exact_match_stepwise(model, chunk, pad_id, padding, stepwise_steps if prefix_logits is not None else None, lower)
         rest = [j for j, v in enumerate(ok) if v is None]
         if rest and prefix_logits is not None:  # (only then can sequences be undecided)
-            fast = _exact_match_one_pass(model, [chunk[j] for j in rest], pad_id, prefix_logits)
+            fast = _exact_match_one_pass(model, [chunk[j] for j in rest], pad_id, prefix_logits, lower)
             if fast is None:
-                fast = _exact_match_stepwise(model, [chunk[j] for j in rest], pad_id, padding, None)
+                fast = _exact_match_stepwise(model, [chunk[j] for j in rest], pad_id, padding, None, lower)
             for j, v in zip(rest, fast):
                 ok[j] = v
-        result.extend(bool(v) for v in ok)
+        for i, v in zip(idx, ok):
+            result[i] = bool(v)
     return result
 
 
-def _exact_match_one_pass(model: Any, chunk: Sequence[tuple[list[int], list[int]]], pad_id: int, prefix_logits: PrefixLogits) -> list[bool] | None:
+def _exact_match_one_pass(model: Any, chunk: Sequence[tuple[list[int], list[int]]], pad_id: int, prefix_logits: PrefixLogits,
+                          lower: LowerCache | None = None) -> list[bool] | None:
     """Every step of every (non-empty) answer at once, from logits of the prompt+answer's prefixes."""
     toks, pad, pos, rows = _scored_batch(chunk, pad_id)
     dev = model.cfg.device
-    logits = prefix_logits(toks.to(dev), pad.to(dev), rows.to(dev), torch.cat(pos).to(dev))
+    x = _input(toks, pad, [p + a for p, a in chunk], lower, dev)
+    logits = prefix_logits(x, pad.to(dev), rows.to(dev), torch.cat(pos).to(dev))
     if logits is None:
         return None
     hits = logits.argmax(-1).cpu().split([len(q) for q in pos])
@@ -186,7 +291,8 @@ def _exact_match_one_pass(model: Any, chunk: Sequence[tuple[list[int], list[int]
 
 
 def _exact_match_stepwise(
-    model: Any, chunk: Sequence[tuple[list[int], list[int]]], pad_id: int, padding: PaddingContext, max_steps: int | None
+    model: Any, chunk: Sequence[tuple[list[int], list[int]]], pad_id: int, padding: PaddingContext, max_steps: int | None,
+    lower: LowerCache | None = None,
 ) -> list[bool | None]:
     """Greedy decoding for at most ``max_steps`` steps; ``None`` for sequences not decided by then."""
     seqs = [list(p) for p, _ in chunk]
@@ -201,8 +307,10 @@ def _exact_match_stepwise(
             break
         toks, pad = _pad([seqs[j] for j in active], pad_id)
         last = torch.tensor([len(seqs[j]) - 1 for j in active])
+        # an active sequence has decoded its answer's first tokens so far: a prefix of prompt + answer
+        x = _input(toks, pad, [chunk[j][0] + chunk[j][1] for j in active], lower, model.cfg.device)
         with padding(pad):
-            logits = logits_at(model, toks.to(model.cfg.device), torch.arange(len(active)).to(model.cfg.device), last.to(model.cfg.device))
+            logits = logits_at(model, x, torch.arange(len(active)).to(model.cfg.device), last.to(model.cfg.device))
         for row, j in enumerate(active):
             token = int(logits[row].argmax())
             seqs[j].append(token)

@@ -92,11 +92,19 @@ class EditMethod(abc.ABC):
         yield
 
     def prefix_logits_at(self, tokens: Any, pad_mask: Any, rows: Any, cols: Any) -> Any:
-        """Logits [n, vocab] at positions ``(rows[i], cols[i])`` of the right-padded ``tokens`` (pad_mask
-        True = pad), each equal to the output of the model with the method as it stands on the input
-        cut after that position, or ``None`` when the method cannot give that in one pass. Scoring
-        uses it to decode greedily without a forward pass per token. Default: ``None``."""
+        """Logits [n, vocab] at positions ``(rows[i], cols[i])`` of the right-padded ``tokens`` (ids, or a
+        :class:`~microedit_lens.metrics.ModelInput`; pad_mask True = pad), each equal to the output of
+        the model with the method as it stands on the input cut after that position, or ``None`` when
+        the method cannot give that in one pass. Scoring uses it to decode greedily without a forward
+        pass per token. Default: ``None``."""
         return None
+
+    @property
+    def unchanged_blocks(self) -> int:
+        """How many leading transformer blocks the method never changes (their outputs are the plain
+        model's whatever the edits): scoring computes them once per sequence
+        (:class:`~microedit_lens.metrics.LowerCache`). Default 0: no such promise."""
+        return 0
 
     @abc.abstractmethod
     def save(self, path: str | Path) -> Path:

@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from microedit_lens.editor import (AnchorBank, EditSequence, HookSite, MemoryBank, RowHistory, SelectedScope, SelectedSensitivities,
                                    SensitivityBank, batch_tokens, entries_of, largest_gradient_positions, pad_ids, tokenize_request)
 from microedit_lens.methods.base import EditMethod, register_method
-from microedit_lens.metrics import logits_at
+from microedit_lens.metrics import ModelInput, logits_at
 from microedit_lens.models import resolve_bf16
 from microedit_lens.sae import check_editable, editable_copy
 from microedit_lens.switch import SwitchedSAE, SwitchMode, ard, sparse_decode, topk_codes, valid_positions
@@ -482,9 +482,14 @@ class MicroEditor(EditMethod):
         with self.switch.bypass(pad_mask):
             yield
 
+    @property
+    def unchanged_blocks(self) -> int:
+        """The blocks below the one holding the hook point: the switch changes nothing before it."""
+        return self.site.layer or 0
+
     @torch.no_grad()
     def prefix_logits_at(
-        self, tokens: Int[torch.Tensor, "b s"], pad_mask: Bool[torch.Tensor, "b s"], rows: Int[torch.Tensor, " n"], cols: Int[torch.Tensor, " n"]
+        self, tokens: "Int[torch.Tensor, 'b s'] | ModelInput", pad_mask: Bool[torch.Tensor, "b s"], rows: Int[torch.Tensor, " n"], cols: Int[torch.Tensor, " n"]
     ) -> Float[torch.Tensor, "n vocab"]:
         """Logits as if every input ended at ``cols[i]``, in two passes: the per-input switch makes one
         decision per input, so position ``p`` of a longer input may be routed otherwise than the input

@@ -301,3 +301,79 @@ def test_eval_cli_runs_the_protocol_and_keeps_the_editor(tiny_model, tiny_sae, t
         assert {"reliability", "generalization", "locality"} <= set(runs[T])
     kept = MicroEditor.load(ck / "T4_final_editor", tiny_model, sae=tiny_sae, attach=False)
     assert kept.n_edits == 4 and MicroEditor.load(ck / "T1_final_editor", tiny_model, sae=tiny_sae, attach=False).n_edits == 1
+
+
+def _editor_above_block_0(model, refs, n_edits=3):
+    """An editor whose SAE sits in block 1 of the 2-block tiny model (block 0 is then never changed)."""
+    from microedit_lens import MicroEditor
+    from microedit_lens.testing import tiny_sae
+
+    ed = MicroEditor(model, tiny_sae(hook_name="blocks.1.hook_resid_post"), MicroEditConfig(**CFG))
+    ed.calibrate(refs)
+    ed.edit(make_records(n_edits))
+    return ed
+
+
+def test_lower_cache_scores_equal_full_passes(tiny_model):
+    """Scoring that starts at the switch's block from cached lower blocks gives the full passes'
+    teacher-forced argmax and NLL, and the same greedy exact matches (decoding steps run over
+    prefixes of the cached sequences), with some inputs in scope and some out."""
+    ed = _editor_above_block_0(tiny_model, REFS)
+    assert ed.unchanged_blocks == 1
+    prompts = ["alpha is near", "near beta", "the gamma house", "delta is near", "some other text", "kappa is near"]
+    answers = ["delta", "epsilon", "red", "omega", "here", "alpha"]
+    ed.tau = float(ed.route([p + " " + a for p, a in zip(prompts, answers)]).ard.median())
+    on = ed.route(prompts).on
+    assert on.any() and not on.all()
+    with ed.attached():
+        full = metrics.teacher_forced(tiny_model, prompts, answers, 4, ed.padding)
+        lower = metrics.LowerCache(tiny_model, 1, batch_size=3)
+        cached = metrics.teacher_forced(tiny_model, prompts, answers, 4, ed.padding, lower)
+        assert len(lower) == len(prompts)
+        for a, b, na, nb in zip(full.argmax, cached.argmax, full.nll, cached.nll):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(na, nb, rtol=1e-5, atol=1e-5)
+        for steps in (0, 2):
+            want = metrics.greedy_exact_match(tiny_model, prompts, answers, 4, ed.padding, ed.prefix_logits_at, steps)
+            assert metrics.greedy_exact_match(tiny_model, prompts, answers, 4, ed.padding, ed.prefix_logits_at, steps, lower) == want
+        assert metrics.greedy_exact_match(tiny_model, prompts, answers, 4, ed.padding, lower=lower) == \
+            metrics.greedy_exact_match(tiny_model, prompts, answers, 4, ed.padding)
+    ed.detach()
+
+
+def test_lower_cache_checks_its_inputs_and_scopes_entries(tiny_model):
+    from microedit_lens.testing import CharTokenizer
+
+    for layer in (0, 3):
+        with pytest.raises(ValueError, match="layer"):
+            metrics.LowerCache(tiny_model, layer)
+    with pytest.raises(ValueError, match="TransformerLens"):
+        metrics.LowerCache(FixedModel(CharTokenizer()), 1)
+    lower = metrics.LowerCache(tiny_model, 1)
+    lower.add([[1, 2, 3]])
+    with lower.scoped():
+        lower.add([[4, 5], [1, 2, 3]])
+        assert len(lower) == 2
+    assert len(lower) == 1
+    toks, pad = metrics._pad([[1, 2], [9, 9]], 0)
+    with pytest.raises(ValueError, match="prefix"):
+        lower.inputs(toks, pad, [[1, 2, 3], [1, 2, 3]])
+    x = lower.inputs(toks[:1], pad[:1], [[1, 2, 3]])
+    full = tiny_model(torch.tensor([[1, 2]]), stop_at_layer=1)
+    assert x.start == 1 and torch.equal(x.resid, full)
+
+
+def test_lifelong_scores_with_and_without_the_lower_cache(tiny_model):
+    """The protocol's numbers do not depend on the lower cache (to float rounding)."""
+    from microedit_lens.testing import tiny_sae
+
+    recs = make_records(4)
+    out = {}
+    for on in (True, False):
+        res = run_lifelong(tiny_model, tiny_sae(hook_name="blocks.1.hook_resid_post"), recs,
+                           LifelongConfig(T=[2, 4], lower_cache=on), method_config=MicroEditConfig(**CFG), reference_texts=REFS)
+        out[on] = [(r.reliability, r.generalization, r.locality, r.rel_generative) for run in res.runs.values() for r in run.records]
+        ppl = [r.ppl for run in res.runs.values() for r in run.records]
+        out[on, "ppl"] = ppl
+    assert out[True] == out[False]
+    assert out[True, "ppl"] == pytest.approx(out[False, "ppl"], rel=1e-5)
