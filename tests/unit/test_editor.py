@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -604,6 +605,54 @@ def test_psd_solve_is_the_pseudo_inverse_by_cholesky_or_eigendecomposition(monke
     assert calls == [(8, 8)]
     torch.testing.assert_close(lam, torch.linalg.pinv(Kd, rtol=1e-10, hermitian=True) @ rhs_d)
     assert me._solve_psd(torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)).shape == (0,)
+
+
+def test_ard_weight_search_equals_trying_each_weight_in_turn(monkeypatch):
+    """_weigh_ard tries fewer weights than a scan k = 0, 1, 2, ... but returns what the scan would:
+    the first weight whose step meets the ARD goal, else the last solvable step (a weight that cannot
+    be factorized ends the scan: the step before it, or the caller's ``best``, or an error)."""
+    from types import SimpleNamespace
+
+    from microedit_lens.methods import microedit as me
+
+    def scan(need, broken, best):  # the search as it was: one doubling at a time
+        prev = best
+        for k in range(me._ARD_WEIGHT_DOUBLINGS):
+            if k >= broken:
+                if prev is None:
+                    raise NumericalEditError("not positive definite")
+                return prev, False
+            prev = ("step", k)
+            if k >= need:
+                return prev, True
+        return prev, False
+
+    sys_ = SimpleNamespace(ard_goal=1.0, ard=lambda new: 0.5 if new[1] >= case["need"] else 2.0)
+    case = {}
+    tries = []
+
+    def weighed(self, sys_, own, dR, ask, lam):
+        k = round(math.log2(lam))
+        tries.append(k)
+        return None if k >= case["broken"] else me._WeighedStep(None, ask, ("step", k), lam)
+
+    monkeypatch.setattr(me.MicroEditor, "_weighed_step", weighed)
+    ed = me.MicroEditor.__new__(me.MicroEditor)
+    for need in (0, 1, 2, 5, 13, 28, 39, 50):
+        for broken in (0, 3, 10, 20, 60):
+            for best in (None, ("caller", -1)):
+                case.update(need=need, broken=broken)
+                tries.clear()
+                try:
+                    want = scan(need, broken, best)
+                except NumericalEditError:
+                    with pytest.raises(NumericalEditError):
+                        ed._weigh_ard(sys_, None, None, None, 1.0, best)
+                    continue
+                got = ed._weigh_ard(sys_, None, None, None, 1.0, best)
+                assert ((got[0].new if isinstance(got[0], me._WeighedStep) else got[0]), got[1]) == want, (need, broken, best)
+                if broken == 60 and need >= 13:
+                    assert len(set(tries)) < need  # fewer factorizations than the scan's need + 1
 
 
 def test_target_gradients_match_finite_differences(tiny_model, tiny_sae, reference_texts):
