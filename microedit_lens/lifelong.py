@@ -278,7 +278,7 @@ class LifelongRunner:
         """A cache of the blocks the method never changes, where it names any and the model is a
         TransformerLens model."""
         n = self.editor.unchanged_blocks
-        if n <= 0 or not hasattr(self.model, "blocks") or not hasattr(getattr(self.model, "cfg", None), "n_layers"):
+        if n <= 0 or not metrics.LowerCache.supports(self.model):
             return None
         return metrics.LowerCache(self.model, n, batch_size)
 

@@ -110,15 +110,20 @@ class LowerCache:
     tensors of ``[len, d_model]``; :meth:`scoped` drops what a block of code added."""
 
     def __init__(self, model: Any, layer: int, batch_size: int = 32):
-        n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
-        if n_layers is None or not hasattr(model, "blocks"):
+        if not self.supports(model):
             raise ValueError("a LowerCache needs a TransformerLens model (cfg.n_layers and blocks)")
+        n_layers = model.cfg.n_layers
         if not 0 < layer <= n_layers:
             raise ValueError(f"layer must be in 1..{n_layers} (blocks below it are cached), got {layer}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.layer, self.batch_size = model, layer, batch_size
         self._resid: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether ``model`` can run from a block on (a TransformerLens model: ``cfg.n_layers``, ``blocks``)."""
+        return hasattr(getattr(model, "cfg", None), "n_layers") and hasattr(model, "blocks")
 
     def __len__(self) -> int:
         return len(self._resid)
@@ -180,23 +185,21 @@ def logits_at(model: Any, toks: "Int[torch.Tensor, 'b s'] | ModelInput", rows: t
     A :class:`ModelInput` with residuals starts the pass at their block."""
     x = toks if isinstance(toks, ModelInput) else ModelInput(toks)
     cfg = getattr(model, "cfg", None)
-    if x.resid is not None:
-        from microedit_lens.models import final_logits
-
-        return final_logits(model, model(x.resid, start_at_layer=x.start, stop_at_layer=cfg.n_layers)[rows, cols])
-    if cfg is None or not hasattr(model, "unembed") or not hasattr(model, "ln_final"):
+    if x.resid is None and (cfg is None or not hasattr(model, "unembed") or not hasattr(model, "ln_final")):
         return model(x.tokens)[rows, cols]
     from microedit_lens.models import final_logits
 
-    return final_logits(model, model(x.tokens, stop_at_layer=cfg.n_layers)[rows, cols])
+    if x.resid is None:
+        final = model(x.tokens, stop_at_layer=cfg.n_layers)
+    else:
+        final = model(x.resid, start_at_layer=x.start, stop_at_layer=cfg.n_layers)
+    return final_logits(model, final[rows, cols])
 
 
 def _input(toks: torch.Tensor, pad: torch.Tensor, keys: Sequence[Sequence[int]], lower: LowerCache | None, device: Any) -> "torch.Tensor | ModelInput":
     """What :func:`logits_at` runs on (``keys``: each row's full cached sequence, with ``lower``)."""
-    if lower is None:
-        return toks.to(device)
-    x = lower.inputs(toks, pad, keys)
-    return ModelInput(x.tokens.to(device), x.resid.to(device) if x.resid is not None else None, x.start)
+    toks = toks.to(device)
+    return toks if lower is None else lower.inputs(toks, pad, keys)
 
 
 @torch.no_grad()
