@@ -96,6 +96,8 @@ class EditResult:
     target_logprob: float
     """Mean log-probability of the target tokens after the edit (SAE spliced in)."""
     seconds: float
+    tau: float | None = None
+    """The switch threshold right after this edit (``None`` in results saved before it was kept)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -25,7 +25,8 @@ Deviations from the paper, all configurable (see ``docs/METHOD.md``):
   log-prob of the earlier target tokens it would lower most (linear constraints from gradients stored
   when each edit was made); see :meth:`MicroEditor._keep_targets`.
 * **Tracking tau** (``track_tau``): tau follows the calibration quantile of reference text's ARD
-  under the current decoder.
+  under the current decoder, within a hysteresis band (``track_tau_band``) so that the quantile's
+  edit-to-edit noise does not drop earlier edits out of scope.
 * **Stopping rules.** Stage 1 stops once ARD <= ``ard_margin * tau``; stage 2 once every target token
   is the argmax with a log-prob margin of ``target_margin`` and ARD <= ``ard_margin * tau``.
 * **lr.** The paper's 5e-5 (LLaMA-3-8B, 4096-wide rows) does not move 576-wide SmolLM2 rows within
@@ -95,6 +96,14 @@ class MicroEditConfig:
     down). Without it, a decoder that the edits' repair makes reconstruct reference-like text *better*
     lowers tau and drops earlier edits out of scope (docs/RESULTS.md: hallucination T=100 mean PPL 60
     without the floor, 7.4 with it; ZsRE T=1000 unchanged)."""
+    track_tau_band: float | None = 2.0
+    """``track_tau`` only: hysteresis. After an edit tau keeps its value while it lies between the
+    ``tau_quantile`` and the ``track_tau_band * tau_quantile`` (at most 1) quantiles of the reference ARD under the
+    current decoder, and moves to the nearer bound when outside. ``None``: tau is set to the
+    ``tau_quantile`` quantile after every edit. The low quantile is a handful of reference texts and
+    jumps a few % per edit; each dip drops the earlier edits that sit just under tau out of scope, and
+    nothing brings them back (docs/RESULTS.md, session 22). The band bounds the reference share in
+    scope at ``track_tau_band * tau_quantile``."""
     stage1_max_steps: int = 30
     """Max Adam steps of stage 1 (distance regularisation). 0 disables stage 1."""
     stage2_max_steps: int = 60
@@ -207,6 +216,8 @@ class MicroEditConfig:
             raise ValueError(f"tau must be positive, got {self.tau}")
         if not 0.0 < self.tau_quantile < 1.0:
             raise ValueError(f"tau_quantile must be in (0, 1), got {self.tau_quantile}")
+        if self.track_tau_band is not None and not (self.track_tau_band >= 1.0 and math.isfinite(self.track_tau_band)):
+            raise ValueError(f"track_tau_band must be None or a finite number >= 1, got {self.track_tau_band}")
         if self.stage1_max_steps < 0 or self.stage2_max_steps < 1:
             raise ValueError("stage1_max_steps must be >= 0 and stage2_max_steps >= 1")
         if not 0.0 < self.ard_margin <= 1.0:
@@ -250,7 +261,8 @@ class MicroEditConfig:
 _ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_positions": 4, "track_tau": False, "repair_rate": 1.0,
                                                     "track_tau_floor": False, "minimal_steps": 10, "minimal_step_nats": 4.0,
                                                     "keep_floor": None, "refresh_every": 0, "own_positions": None,
-                                                    "keep_scope": None, "scope_positions": None})
+                                                    "keep_scope": None, "scope_positions": None,
+                                                    "track_tau_band": None})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
@@ -436,10 +448,15 @@ class MicroEditor(EditMethod):
             self.tau = tau
         return Calibration(tau=tau if self.cfg.tau is None else self.cfg.tau, quantile=q, ard=a, n_tokens=n_tok)
 
-    @torch.no_grad()
     def _tracked_tau(self) -> float:
-        """The calibration quantile of the reference texts' ARD under the current decoder: stored
-        calibration errors plus the drift the touched rows cause (exact: codes are fixed)."""
+        """The calibration quantile of the reference texts' ARD under the current decoder."""
+        return self._tracked_quantiles(1.0)[0]
+
+    @torch.no_grad()
+    def _tracked_quantiles(self, *scales: float) -> list[float]:
+        """The ``scale * quantile`` quantiles of the reference texts' ARD under the current decoder:
+        stored calibration errors plus the drift the touched rows cause (exact: codes are fixed);
+        with ``track_tau_floor`` none below its value at calibration."""
         ref = self._reference_error
         if ref is None:
             raise ValueError("track_tau needs the reference errors from calibrate(reference_texts)")
@@ -448,18 +465,27 @@ class MicroEditor(EditMethod):
         if rows.numel() and len(self.reference):
             sel = self.reference.select(rows, self.sae.W_dec, self.sae.b_dec)
             err[sel.index] += sel.residual
-        tau = self._reference_quantile(ref, err)
-        return max(tau, self._reference_quantile(ref, ref.error)) if self.cfg.track_tau_floor else tau
+        qs = torch.tensor([min(s * ref.quantile, 1.0) for s in scales], dtype=torch.float64)
+        now = self._reference_quantiles(ref, err, qs)
+        if self.cfg.track_tau_floor:
+            now = torch.maximum(now, self._reference_quantiles(ref, ref.error, qs))
+        return now.tolist()
 
-    def _reference_quantile(self, ref: "_ReferenceError", err: Float[torch.Tensor, "n d"]) -> float:
+    def _reference_quantiles(self, ref: "_ReferenceError", err: Float[torch.Tensor, "n d"], qs: Float[torch.Tensor, " q"]) -> Float[torch.Tensor, " q"]:
         sq = torch.zeros(ref.n_texts, dtype=torch.float64).index_add_(0, ref.owner, (err.double() ** 2).sum(-1))
         n = torch.zeros(ref.n_texts, dtype=torch.float64).index_add_(0, ref.owner, torch.ones(len(ref.owner), dtype=torch.float64))
-        a = sq[n > 0] / (self.cfg.alpha * n[n > 0])
-        return float(torch.quantile(a, ref.quantile))
+        return torch.quantile(sq[n > 0] / (self.cfg.alpha * n[n > 0]), qs)
 
-    def _retrack_tau(self) -> None:
-        if self.cfg.track_tau and self.cfg.tau is None and self._reference_error is not None:
+    def _retrack_tau(self, previous: float | None) -> None:
+        """After an edit (or a rollback): tau to the calibration quantile, or with ``track_tau_band``
+        ``previous`` (``None``: the low bound) clamped into the band."""
+        if not (self.cfg.track_tau and self.cfg.tau is None and self._reference_error is not None):
+            return
+        if self.cfg.track_tau_band is None:
             self.tau = self._tracked_tau()
+            return
+        low, high = self._tracked_quantiles(1.0, self.cfg.track_tau_band)
+        self.tau = low if previous is None else min(max(previous, low), high)
 
     def retrack_tau(self, quantile: float | None = None) -> float:
         """Set tau now to the ``quantile`` (default: the calibration's) quantile of the reference texts'
@@ -1007,7 +1033,7 @@ class MicroEditor(EditMethod):
         with torch.no_grad():
             self.sae.W_dec[prob.rows] = R.detach().to(self.sae.W_dec.dtype)
         self._touched[prob.rows] = True
-        self._retrack_tau()
+        self._retrack_tau(self.tau)
         v = prob.valid
         self.memory.add(index, prob.idx[v], prob.vals[v], z_hat[v].detach(), weight=1.0 / int(v.sum()),
                         error=(z_hat[v] - prob.z[0, v]).detach())
@@ -1023,7 +1049,7 @@ class MicroEditor(EditMethod):
         return EditResult(
             index=index, request=request, success=bool(success), stage1=s1, stage2=s2,
             n_latents=int(prob.rows.numel()), ard_before=ard_before, ard_after=ard_after,
-            target_logprob=-nll.item(), seconds=time.perf_counter() - t0,
+            target_logprob=-nll.item(), seconds=time.perf_counter() - t0, tau=self.switch.tau,
         )
 
     def refresh_sensitivities(self) -> None:
@@ -1106,7 +1132,8 @@ class MicroEditor(EditMethod):
         for snap in self.history.snapshots:
             self._touched[snap.rows] = True
         self.memory.drop_groups_from(n_edits)
-        self._retrack_tau()
+        # the decoder is the one after edit n_edits again, so is tau (within the band, the value it had)
+        self._retrack_tau(self.results[n_edits - 1].tau if n_edits else None)
         self.sensitivity.drop_groups_from(n_edits)
         del self.results[n_edits:]
 

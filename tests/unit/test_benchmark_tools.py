@@ -27,6 +27,7 @@ def _load_script(name: str) -> ModuleType:
 
 ard_parts = _load_script("ard_parts")
 late_edits = _load_script("late_edits")
+scope_drift = _load_script("scope_drift")
 
 
 def test_subject_positions(tiny_model):
@@ -61,3 +62,18 @@ def test_late_edits_times_edits_and_counts_solves(tiny_model, tiny_sae, referenc
     assert ed.n_edits == 2 and out["edits"] == 2 and len(out["seconds"]) == 2 and len(out["steps"]) == 2
     assert out["solves"] > 0 and out["solve_entries_max"] >= out["solve_entries_mean"] > 0
     assert MicroEditor.__dict__["_solve_constraints"] is original
+
+
+def test_scope_drift_counts_moves_against_the_switch(tiny_model, tiny_sae, reference_texts):
+    """The memory-bank ARD scope_drift counts with is the ARD the switch computes for the edit
+    sequence; the moves add up to the change in the in-scope count."""
+    ed = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0))
+    ed.calibrate(reference_texts)
+    ed.edit([EditRequest("abc def", "xyz"), EditRequest("ghi jkl", "uvw")])
+    ard = scope_drift.earlier_ard(ed)
+    assert ard == pytest.approx(ed.route(["abc def xyz", "ghi jkl uvw"]).ard.double(), rel=1e-4)
+    out = scope_drift.scope_drift(ed, [EditRequest("mno pqr", "stu")])
+    assert ed.n_edits == 3 and out["start"]["after_edits"] == 2 and len(out["edits"]) == 1
+    step = out["edits"][0]
+    assert step["tau"] == ed.tau
+    assert step["in_scope"] - out["start"]["in_scope"] == step["out_to_in"] - step["in_to_out"]

@@ -689,7 +689,7 @@ def test_target_gradients_match_finite_differences(tiny_model, tiny_sae, referen
 def test_tracked_tau_is_the_reference_quantile_under_the_current_decoder(tiny_model, tiny_sae, reference_texts, tmp_path):
     plain = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(**FAST, tau_quantile=0.5), attach=False)
     untracked = plain.calibrate(reference_texts).tau
-    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=True, tau_quantile=0.5)
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=True, tau_quantile=0.5, track_tau_band=None)
     tau0 = ed.tau
     assert tau0 == pytest.approx(untracked, rel=1e-5)
     ed.edit(REQS)
@@ -716,17 +716,62 @@ def test_tracked_tau_is_the_reference_quantile_under_the_current_decoder(tiny_mo
 
 
 def test_tracked_tau_floor_keeps_tau_at_or_above_the_calibrated_value(tiny_model, tiny_sae, reference_texts, monkeypatch):
-    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=True, tau_quantile=0.5, track_tau_floor=True)
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=True, tau_quantile=0.5, track_tau_floor=True, track_tau_band=None)
     tau0 = ed.tau
     ed.edit(REQS[:1])
     # a decoder that reconstructs reference text better than at calibration would lower the tracked tau
-    unfloored = ed._reference_quantile(ed._reference_error, ed._reference_error.error * 0.5)
-    assert unfloored < tau0
-    monkeypatch.setattr(type(ed), "_reference_quantile", lambda self, ref, err: unfloored if err is not ref.error else tau0)
+    ref, q = ed._reference_error, torch.tensor([0.5], dtype=torch.float64)
+    unfloored = ed._reference_quantiles(ref, ref.error * 0.5, q)
+    assert float(unfloored) < tau0
+    monkeypatch.setattr(type(ed), "_reference_quantiles", lambda self, ref, err, qs: unfloored if err is not ref.error else torch.tensor([tau0], dtype=torch.float64))
     assert ed.retrack_tau() == tau0  # floored
     ed.cfg.track_tau_floor = False
-    assert ed.retrack_tau() == unfloored
+    assert ed.retrack_tau() == float(unfloored)
     ed.detach()
+
+
+def test_tau_band_holds_tau_between_the_two_reference_quantiles_and_rollback_restores_it(tiny_model, tiny_sae, reference_texts, tmp_path):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=True, tau_quantile=0.2, track_tau_band=2.5, track_tau_floor=False)
+    tau0 = ed.tau
+    assert tau0 == pytest.approx(float(torch.quantile(ed.route(reference_texts).ard, 0.2)), rel=1e-5)
+    taus = []
+    for req in REQS:
+        before = ed.tau
+        r = ed.edit(req)[0]
+        ard = ed.route(reference_texts).ard
+        low, high = float(torch.quantile(ard, 0.2)), float(torch.quantile(ard, 0.5))
+        # the previous tau, clamped into [quantile 0.2, quantile 0.5] of the reference ARD now
+        assert ed.tau == pytest.approx(min(max(before, low), high), rel=1e-4)
+        assert r.tau == ed.tau
+        taus.append(ed.tau)
+    ed.save(tmp_path / "e")
+    ed.rollback(1)
+    assert ed.tau == taus[0]
+    ed.rollback(0)
+    assert ed.tau == tau0
+    ed.detach()
+    ed2 = MicroEditor.load(tmp_path / "e", tiny_model, sae=tiny_sae)
+    assert ed2.tau == taus[-1] and [r.tau for r in ed2.results] == taus
+    ed2.undo()
+    assert ed2.tau == taus[1]
+    ed2.detach()
+
+
+def test_tau_band_keeps_tau_inside_and_clamps_outside(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=True, tau_quantile=0.2, track_tau_band=2.0)
+    monkeypatch.setattr(type(ed), "_tracked_quantiles", lambda self, *scales: [1.0, 2.0])
+    for previous, expected in ((1.5, 1.5), (0.5, 1.0), (3.0, 2.0), (None, 1.0)):
+        ed._retrack_tau(previous)
+        assert ed.tau == expected
+    ed.cfg.track_tau_band = None  # no band: the low quantile, whatever tau was
+    monkeypatch.setattr(type(ed), "_tracked_tau", lambda self: 1.25)
+    ed._retrack_tau(1.5)
+    assert ed.tau == 1.25
+    ed.detach()
+    with pytest.raises(ValueError, match="track_tau_band"):
+        MicroEditConfig(track_tau_band=0.5)
+    with pytest.raises(ValueError, match="track_tau_band"):
+        MicroEditConfig(track_tau_band=float("inf"))
 
 
 def test_logits_at_positions_match_full_logits(tiny_model):
