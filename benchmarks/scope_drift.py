@@ -14,6 +14,7 @@ modified (nothing is written back).
 
 import dataclasses
 import json
+import time
 from typing import Any, Sequence
 
 import torch
@@ -35,19 +36,21 @@ def earlier_ard(editor: MicroEditor) -> torch.Tensor:
 
 def scope_drift(editor: MicroEditor, records: Sequence[EditRequest]) -> dict[str, Any]:
     """Make the edits one by one; after each, the earlier edits' moves in and out of scope (among the
-    edits made before this call) and tau."""
+    edits made before this call), tau and the seconds the edit took."""
     n0 = editor.n_edits
     on = earlier_ard(editor) <= editor.tau
     steps: list[dict[str, Any]] = []
     start = {"after_edits": n0, "tau": editor.tau, "in_scope": int(on.sum())}
     for r in records:
+        t = time.perf_counter()
         editor.edit(r)
+        seconds = time.perf_counter() - t
         now = earlier_ard(editor)[:n0] <= editor.tau
         steps.append({"tau": editor.tau, "in_scope": int(now.sum()), "in_to_out": int((on & ~now).sum()),
-                      "out_to_in": int((~on & now).sum())})
+                      "out_to_in": int((~on & now).sum()), "seconds": round(seconds, 2)})
         on = now
     return {"start": start, "edits": steps, "in_to_out": sum(s["in_to_out"] for s in steps),
-            "out_to_in": sum(s["out_to_in"] for s in steps)}
+            "out_to_in": sum(s["out_to_in"] for s in steps), "s_per_edit": sum(s["seconds"] for s in steps) / max(len(steps), 1)}
 
 
 def main() -> None:

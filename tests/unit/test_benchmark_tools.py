@@ -75,5 +75,5 @@ def test_scope_drift_counts_moves_against_the_switch(tiny_model, tiny_sae, refer
     out = scope_drift.scope_drift(ed, [EditRequest("mno pqr", "stu")])
     assert ed.n_edits == 3 and out["start"]["after_edits"] == 2 and len(out["edits"]) == 1
     step = out["edits"][0]
-    assert step["tau"] == ed.tau
+    assert step["tau"] == ed.tau and step["seconds"] >= 0 and out["s_per_edit"] == step["seconds"]
     assert step["in_scope"] - out["start"]["in_scope"] == step["out_to_in"] - step["in_to_out"]
