@@ -97,7 +97,8 @@ class EditResult:
     """Mean log-probability of the target tokens after the edit (SAE spliced in)."""
     seconds: float
     tau: float | None = None
-    """The switch threshold right after this edit (``None`` in results saved before it was kept)."""
+    """The switch threshold right after this edit (``None`` where the editor had none, and in results
+    saved before it was kept)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1049,7 +1049,7 @@ class MicroEditor(EditMethod):
         return EditResult(
             index=index, request=request, success=bool(success), stage1=s1, stage2=s2,
             n_latents=int(prob.rows.numel()), ard_before=ard_before, ard_after=ard_after,
-            target_logprob=-nll.item(), seconds=time.perf_counter() - t0, tau=self.switch.tau,
+            target_logprob=-nll.item(), seconds=time.perf_counter() - t0, tau=self.tau,
         )
 
     def refresh_sensitivities(self) -> None:
