@@ -83,6 +83,8 @@ class RecordScore:
     edit_seconds: float
     edit_error: str = ""
     """Why the edit was not made (it raised a NumericalEditError and was rolled back); empty if it was."""
+    edit_reverted: bool = False
+    """The method found an update but did not apply it (``EditResult.reverted``); scored as not edited."""
 
 
 class _EditInfo(NamedTuple):
@@ -91,6 +93,7 @@ class _EditInfo(NamedTuple):
     success: bool
     seconds: float
     error: str = ""
+    reverted: bool = False
 
 
 @dataclass
@@ -113,6 +116,8 @@ class TRun:
     records: list[RecordScore]
     edit_errors: int = 0
     """Edits that raised (rolled back, scored as not edited): ``RecordScore.edit_error``."""
+    edits_reverted: int = 0
+    """Edits the method did not apply (``RecordScore.edit_reverted``)."""
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -308,7 +313,8 @@ class LifelongRunner:
         return [
             RecordScore(index=offsets[i], reliability=rel_acc[i], generalization=metrics.mean(gen_acc[i]),
                         locality=metrics.mean(loc_acc[i]), ppl=ppl[i], rel_generative=float(em[i]),
-                        edit_success=edit_info[i].success, edit_seconds=edit_info[i].seconds, edit_error=edit_info[i].error)
+                        edit_success=edit_info[i].success, edit_seconds=edit_info[i].seconds, edit_error=edit_info[i].error,
+                        edit_reverted=edit_info[i].reverted)
             for i in range(len(records))
         ]
 
@@ -416,7 +422,7 @@ class LifelongRunner:
         except NumericalEditError as exc:
             logger.warning("record %d: the edit failed and was rolled back (%s); it is scored as not edited", index, exc)
             return _EditInfo(False, time.perf_counter() - t0, str(exc))
-        return _EditInfo(res.success, res.seconds)
+        return _EditInfo(res.success, res.seconds, reverted=res.reverted)
 
     def _score_prefix(self, chunk: list[EditRequest], base: _Baselines, cfg: LifelongConfig, info: list[_EditInfo], wall_so_far: float) -> dict[str, Any]:
         """Progress state of the run made of the first ``len(chunk)`` edits of the current stream."""
@@ -445,7 +451,7 @@ def trun_from_progress(T: int, n_chunks: int, state: dict[str, Any]) -> TRun:
         edit_success=m([float(r.edit_success) for r in recs]),
         edit_seconds_total=state["edit_s"], edit_seconds_per_edit=state["edit_s"] / max(len(recs), 1),
         score_seconds_total=state["score_s"], wall_seconds=state["wall_s"], records=recs,
-        edit_errors=sum(bool(r.edit_error) for r in recs),
+        edit_errors=sum(bool(r.edit_error) for r in recs), edits_reverted=sum(r.edit_reverted for r in recs),
     )
 
 

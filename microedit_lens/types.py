@@ -86,7 +86,8 @@ class EditResult:
     """Position of this edit in the editor's history (0-based)."""
     request: EditRequest
     success: bool
-    """The target is the greedy continuation at every target position and ARD <= tau."""
+    """The target is the greedy continuation at every target position and ARD <= tau (never for a
+    reverted edit)."""
     stage1: StageStats
     stage2: StageStats
     n_latents: int
@@ -99,6 +100,11 @@ class EditResult:
     tau: float | None = None
     """The switch threshold right after this edit (``None`` where the editor had none, and in results
     saved before it was kept)."""
+    reverted: bool = False
+    """The update was found but not applied (``MicroEditConfig.revert_unrouted``: it missed the stopping
+    rule with ``ard_after`` above tau): the decoder is as before this edit, which stays in the log
+    (and counts for undo/rollback) with no rows. ``ard_after`` and ``target_logprob`` are those of
+    the update that was not applied."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -203,6 +203,15 @@ class MicroEditConfig:
     matmul took 30x as long as fp32 and a demo edit 2x as long. ``MicroEditor.bf16_steps`` says
     what was chosen; ``save`` stores that choice, so a loaded editor (a resumed run) keeps it on any
     machine. ``True`` was the fixed default before session 15."""
+    revert_unrouted: bool = True
+    """Do not apply an edit whose update misses its stopping rule with the edit sequence's ARD above
+    tau (the tau in force when the edit began): the switch would not route the prompt through the
+    edited decoder, so the update could not make the edit, only disturb earlier edits and unrelated
+    reconstructions. The decoder, memory and tau stay as they were; the edit log keeps an entry with
+    ``EditResult.reverted`` set (no rows), so that edit numbers stay those of the requests. Such an
+    update had raised the reference ARD so much (CounterFact T=2000, session 23: one edit took its
+    own ARD from 56.6 to 333.4 and tau from 15 to 57.6) that 200 later edits met a disturbed decoder.
+    ``False``: apply every finite update (the behaviour before session 24)."""
     keep_history: bool = True
     """Keep per-edit row snapshots (undo/rollback to any edit). Without them only rollback(0) works,
     which saves ~m x d floats per edit (long benchmark runs)."""
@@ -262,7 +271,7 @@ _ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_pos
                                                     "track_tau_floor": False, "minimal_steps": 10, "minimal_step_nats": 4.0,
                                                     "keep_floor": None, "refresh_every": 0, "own_positions": None,
                                                     "keep_scope": None, "scope_positions": None,
-                                                    "track_tau_band": None})
+                                                    "track_tau_band": None, "revert_unrouted": False})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
@@ -1028,29 +1037,38 @@ class MicroEditor(EditMethod):
             raise NumericalEditError("decoder rows became non-finite; the edit was rolled back")
         if not (torch.isfinite(nll) and torch.isfinite(margin)):
             raise NumericalEditError("the edited target's log-prob is not finite; the edit was rolled back")
-        if self.cfg.keep_history:
-            self.history.record(self.sae.W_dec, prob.rows)
-        with torch.no_grad():
-            self.sae.W_dec[prob.rows] = R.detach().to(self.sae.W_dec.dtype)
-        self._touched[prob.rows] = True
-        self._retrack_tau(self.tau)
-        v = prob.valid
-        self.memory.add(index, prob.idx[v], prob.vals[v], z_hat[v].detach(), weight=1.0 / int(v.sum()),
-                        error=(z_hat[v] - prob.z[0, v]).detach())
-        if self._keeps_targets:
-            floor = self.cfg.keep_floor is not None
-            self.sensitivity.add(index, prob.idx[v], prob.vals[v], self._target_gradients(prob, z_hat.detach(), log_odds=floor)[:, v],
-                                 self.cfg.keep_positions, level=self._token_log_odds(prob, z_hat) if floor else None)
-            sens = prob.sensitivities
-            if floor and sens is not None and sens.n_constraints:
-                self.sensitivity.add_drift(sens.token, sens.change(R.detach().double() - prob.R0.double()))
         ard_after = rec.item()
-        success = margin.item() > 0 and ard_after <= self.switch.tau
+        reverted = self.cfg.revert_unrouted and ard_after > self.switch.tau
+        if self.cfg.keep_history:  # a reverted edit's snapshot has no rows: undo/rollback count it as an edit
+            self.history.record(self.sae.W_dec, prob.rows[:0] if reverted else prob.rows)
+        if reverted:
+            logger.info("edit %d not applied (revert_unrouted): its update left ARD %.4g above tau %.4g (target margin %.3g)",
+                        index, ard_after, self.switch.tau, margin.item())
+        else:
+            self._apply(prob, R.detach(), z_hat.detach(), index)
+        success = not reverted and margin.item() > 0 and ard_after <= self.switch.tau
         return EditResult(
             index=index, request=request, success=bool(success), stage1=s1, stage2=s2,
             n_latents=int(prob.rows.numel()), ard_before=ard_before, ard_after=ard_after,
-            target_logprob=-nll.item(), seconds=time.perf_counter() - t0, tau=self.tau,
+            target_logprob=-nll.item(), seconds=time.perf_counter() - t0, tau=self.tau, reverted=reverted,
         )
+
+    def _apply(self, prob: _EditProblem, R: Float[torch.Tensor, "m d"], z_hat: Float[torch.Tensor, "seq d"], index: int) -> None:
+        """Write edit ``index``'s rows ``R``, re-track tau, and store what later edits keep of it
+        (memory anchors and errors; with ``keep_targets`` its target sensitivities)."""
+        with torch.no_grad():
+            self.sae.W_dec[prob.rows] = R.to(self.sae.W_dec.dtype)
+        self._touched[prob.rows] = True
+        self._retrack_tau(self.tau)
+        v = prob.valid
+        self.memory.add(index, prob.idx[v], prob.vals[v], z_hat[v], weight=1.0 / int(v.sum()), error=z_hat[v] - prob.z[0, v])
+        if self._keeps_targets:
+            floor = self.cfg.keep_floor is not None
+            self.sensitivity.add(index, prob.idx[v], prob.vals[v], self._target_gradients(prob, z_hat, log_odds=floor)[:, v],
+                                 self.cfg.keep_positions, level=self._token_log_odds(prob, z_hat) if floor else None)
+            sens = prob.sensitivities
+            if floor and sens is not None and sens.n_constraints:
+                self.sensitivity.add_drift(sens.token, sens.change(R.double() - prob.R0.double()))
 
     def refresh_sensitivities(self) -> None:
         """Re-measure, at the current decoder, what ``keep_targets`` stores for every edit made so far:
@@ -1058,12 +1076,14 @@ class MicroEditor(EditMethod):
         Done every ``refresh_every`` edits; after a rollback past such a refresh the remaining
         edits keep what it measured (with the later edits in place) until the next one."""
         if self._keeps_targets:
-            self._rebuild_sensitivities([r.request for r in self.results])
+            self._rebuild_sensitivities({i: r.request for i, r in enumerate(self.results) if not r.reverted})
 
-    def _rebuild_sensitivities(self, requests: Sequence[EditRequest]) -> None:
+    def _rebuild_sensitivities(self, requests: Mapping[int, EditRequest]) -> None:
+        """A new sensitivity bank for the edits ``requests`` (edit number -> request), at the current decoder."""
         floor = self.cfg.keep_floor is not None
-        seqs = [tokenize_request(self.model, r) for r in requests]
-        codes = [self.memory.codes(i) for i in range(len(seqs))]
+        numbers = list(requests)
+        seqs = [tokenize_request(self.model, requests[i]) for i in numbers]
+        codes = [self.memory.codes(i) for i in numbers]
         measured: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0), torch.zeros(0))] * len(seqs)
         # batches of sequences with the same number of target tokens (the batched backward pass has
         # one row per target-token number), at most REFRESH_BATCH_ATOMS (sequences x length x tokens)
@@ -1079,7 +1099,7 @@ class MicroEditor(EditMethod):
                 measured[i] = m
             start = end
         bank = SensitivityBank(self.sae.cfg.d_in, self.sae.cfg.k)
-        for i, ((idx, vals), (grad, level)) in enumerate(zip(codes, measured)):
+        for i, (idx, vals), (grad, level) in zip(numbers, codes, measured):
             bank.add(i, idx, vals, grad, self.cfg.keep_positions, level=level if floor else None)
         self.sensitivity = bank
 

@@ -423,7 +423,7 @@ def test_json_style_overrides_become_tuples(tiny_model, tmp_path):
 # ------------------------------------------------------------------- Section 4: editing studies
 
 #: Few, fast optimisation steps: the tiny model only has to exercise the code paths.
-EDIT = {"lr": 5e-2, "stage1_max_steps": 3, "stage2_max_steps": 8, "target_margin": 0.0}
+EDIT = {"lr": 5e-2, "stage1_max_steps": 3, "stage2_max_steps": 8, "target_margin": 0.0, "revert_unrouted": False}
 _WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 _REFS = ["the cat sat on the mat", "a quick brown fox jumps", "hello world and friends", "rain falls in spring",
          "numbers like 12 and 34", "open the door slowly", "music played all night", "light moves very fast"]

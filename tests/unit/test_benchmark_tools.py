@@ -42,7 +42,7 @@ def test_subject_positions(tiny_model):
 def test_parts_sum_to_the_switch_ard(tiny_model, tiny_sae, reference_texts):
     """subject + other + target = the ARD the switch computes for prompt + target, over tau, under the
     current decoder; under the unedited decoder it is the pre-edit ARD."""
-    ed = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0))
+    ed = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0, revert_unrouted=False))
     ed.calibrate(reference_texts)
     before = ed.route(["abc def xyz"]).ard.item() / ed.tau
     ed.edit(EditRequest("abc def", "xyz", subject="def"))
@@ -67,7 +67,7 @@ def test_late_edits_times_edits_and_counts_solves(tiny_model, tiny_sae, referenc
 def test_scope_drift_counts_moves_against_the_switch(tiny_model, tiny_sae, reference_texts):
     """The memory-bank ARD scope_drift counts with is the ARD the switch computes for the edit
     sequence; the moves add up to the change in the in-scope count."""
-    ed = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0))
+    ed = MicroEditor(tiny_model, tiny_sae, MicroEditConfig(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0, revert_unrouted=False))
     ed.calibrate(reference_texts)
     ed.edit([EditRequest("abc def", "xyz"), EditRequest("ghi jkl", "uvw")])
     ard = scope_drift.earlier_ard(ed)

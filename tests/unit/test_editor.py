@@ -9,7 +9,9 @@ from microedit_lens.methods import get_method
 from microedit_lens.methods.base import REGISTRY, MethodRegistry
 from microedit_lens.testing import tiny_sae as make_tiny_sae
 
-FAST = dict(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0)
+FAST = dict(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0, revert_unrouted=False)
+"""Tiny random models: few steps, and most edits stay above the calibrated tau, so every update is
+applied (the tests below are about what an applied update does; ``revert_unrouted`` has its own)."""
 
 
 def make_editor(model, sae, refs, **kw):
@@ -1036,3 +1038,49 @@ def test_bf16_steps_auto_follows_the_device(tiny_model, tiny_sae, reference_text
     ed.detach()
     loaded = MicroEditor.load(ed.save(tmp_path / "ed"), tiny_model, attach=False)
     assert loaded.cfg.bf16_steps is ed.bf16_steps is loaded.bf16_steps  # the choice travels with the editor
+
+
+def test_revert_unrouted_keeps_the_decoder_and_the_log_aligned(tiny_model, tiny_sae, reference_texts, tmp_path):
+    """An update that leaves the edit sequence above tau is not applied: decoder, memory and
+    sensitivities stay as they were, the log keeps an entry (no rows) so that edit numbers stay the
+    requests' numbers, and undo/rollback/save/load/refresh all count it."""
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, keep_floor=3.0, keep_targets=1000, target_margin=0.5, revert_unrouted=True)
+    W0, tau = ed.sae.W_dec.detach().clone(), ed.tau
+    ed.tau = 1e-9  # no update can bring the edit sequence's ARD below this
+    r = ed.edit(REQS[0])[0]
+    assert r.reverted and not r.success and r.ard_after > ed.tau and r.tau == ed.tau
+    assert torch.equal(ed.sae.W_dec, W0) and ed.n_edits == 1 and len(ed.memory) == 0 and len(ed.sensitivity) == 0
+    assert ed.history.snapshots[0].rows.numel() == 0 and not ed._touched.any()
+    ed.tau = tau
+    r1 = ed.edit(REQS[1])[0]
+    assert not r1.reverted and r1.index == 1 and not torch.equal(ed.sae.W_dec, W0)
+    W1 = ed.sae.W_dec.detach().clone()
+    ed.refresh_sensitivities()  # the reverted edit has no stored codes: skipped, not a KeyError
+    assert ed.sensitivity._group == [1] and ed.memory._group == [1]
+    ed.save(tmp_path / "e")
+    ed.undo()
+    assert ed.n_edits == 1 and torch.equal(ed.sae.W_dec, W0) and len(ed.memory) == 0
+    ed.detach()
+    ed2 = MicroEditor.load(tmp_path / "e", tiny_model, sae=tiny_sae)
+    assert [x.reverted for x in ed2.results] == [True, False] and torch.equal(ed2.sae.W_dec, W1)
+    ed2.rollback(1)
+    assert torch.equal(ed2.sae.W_dec, W0)
+    ed2.detach()
+    # the behaviour before: every finite update is applied, in scope or not
+    ed3 = make_editor(tiny_model, tiny_sae, reference_texts, revert_unrouted=False)
+    ed3.tau = 1e-9
+    r3 = ed3.edit(REQS[0])[0]
+    assert not r3.reverted and not r3.success and not torch.equal(ed3.sae.W_dec, W0) and len(ed3.memory) == 1
+    ed3.detach()
+
+
+def test_lifelong_reports_reverted_edits(tiny_model, tiny_sae, reference_texts):
+    from microedit_lens.lifelong import LifelongConfig, LifelongRunner
+
+    ed = make_editor(tiny_model, tiny_sae, reference_texts, track_tau=False, revert_unrouted=True)  # tau stays what is set here
+    ed.tau = 1e-9
+    runner = LifelongRunner.for_editor(ed, tiny_sae)
+    run = runner.run(REQS[:2], LifelongConfig(T=[2], generative=False)).runs[2]
+    assert run.edits_reverted == 2 and run.edit_errors == 0 and run.edit_success == 0.0
+    assert all(r.edit_reverted and not r.edit_error for r in run.records)
+    ed.detach()

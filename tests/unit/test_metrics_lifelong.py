@@ -61,7 +61,7 @@ def make_records(n):
     ]
 
 
-CFG = dict(lr=5e-2, stage1_max_steps=3, stage2_max_steps=8, target_margin=0.0)
+CFG = dict(lr=5e-2, stage1_max_steps=3, stage2_max_steps=8, target_margin=0.0, revert_unrouted=False)  # applied updates (see test_editor.FAST)
 REFS = ["the cat sat on the mat", "a quick brown fox jumps", "hello world and friends", "rain falls in spring time"]
 
 
