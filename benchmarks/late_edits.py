@@ -34,9 +34,9 @@ def recording_solves() -> Iterator[list[dict[str, float]]]:
     original = MicroEditor.__dict__["_solve_constraints"]
     solve = original.__func__
 
-    def recorded(cons: Any, P: Any, rhs: torch.Tensor) -> torch.Tensor:
+    def recorded(cons: Any, P: Any, rhs: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
         t = time.perf_counter()
-        out = solve(cons, P, rhs)
+        out = solve(cons, P, rhs, ridge)
         calls.append({"entries": len(cons.atom), "constraints": cons.n_constraints, "rows": cons.At.shape[0],
                       "seconds": time.perf_counter() - t})
         return out

@@ -69,6 +69,9 @@ FLOOR_REPAIR_NATS = 1.0
 PSD_PIVOT_CUT = 1e-8
 """Constraint solves: the least Cholesky pivot (relative to the largest diagonal entry) taken as well
 conditioned; below it the solve falls back to the eigendecomposition (:func:`_solve_psd`)."""
+HOLD_RIDGES = (1e-6, 1e-5, 1e-4, 1e-3)
+"""``damp_holds``: the ridges (relative to the mean diagonal of the constraints' Gram matrix) tried in
+turn on a held step that would take the edit's own ARD above tau."""
 REFRESH_BATCH_ATOMS = 8192
 """Re-measuring sensitivities: sequences with the same number of target tokens are batched while
 (sequences x longest x target tokens), the size of the batched backward pass, stays within this."""
@@ -212,6 +215,15 @@ class MicroEditConfig:
     update had raised the reference ARD so much (CounterFact T=2000, session 23: one edit took its
     own ARD from 56.6 to 333.4 and tau from 15 to 57.6) that 200 later edits met a disturbed decoder.
     ``False``: apply every finite update (the behaviour before session 24)."""
+    damp_holds: bool = True
+    """A held step of the ``minimal`` update that would take the edit's own ARD above tau is solved
+    again with its constraints damped (a ridge of ``HOLD_RIDGES``, relative to the mean diagonal of
+    their Gram matrix, tried in turn until the ARD is under tau): with ~1000 near-dependent holds
+    (earlier target tokens and scopes in a crowded decoder) the exact least-norm correction can be
+    huge (CounterFact, edit 1606 of session 24's replay: Gram eigenvalues down to 3e-10 of the
+    largest, the edit's ARD 24 -> 2.3e5, so the update was not applied). The damped step holds the
+    earlier edits to within the ridge instead of exactly. Steps whose exact solve stays under tau
+    are unchanged. ``False``: the exact solve only (the behaviour before session 25)."""
     keep_history: bool = True
     """Keep per-edit row snapshots (undo/rollback to any edit). Without them only rollback(0) works,
     which saves ~m x d floats per edit (long benchmark runs)."""
@@ -271,7 +283,8 @@ _ADDED_LATER: Mapping[str, Any] = MappingProxyType({"keep_targets": 0, "keep_pos
                                                     "track_tau_floor": False, "minimal_steps": 10, "minimal_step_nats": 4.0,
                                                     "keep_floor": None, "refresh_every": 0, "own_positions": None,
                                                     "keep_scope": None, "scope_positions": None,
-                                                    "track_tau_band": None, "revert_unrouted": False})
+                                                    "track_tau_band": None, "revert_unrouted": False,
+                                                    "damp_holds": False})
 """Config fields introduced after the first saved format, with the behaviour of editors saved before."""
 
 
@@ -745,7 +758,7 @@ class MicroEditor(EditMethod):
         return H, b
 
     @staticmethod
-    def _solve_constraints(cons: "_Constraints", P: Any, rhs: Float[torch.Tensor, " j"]) -> Float[torch.Tensor, "m d"]:
+    def _solve_constraints(cons: "_Constraints", P: Any, rhs: Float[torch.Tensor, " j"], ridge: float = 0.0) -> Float[torch.Tensor, "m d"]:
         """The least correction ``sum_j lambda_j P C_j`` (metric ``P^-1``) whose first-order effect on
         constraint ``j`` (``<C_j, .>``, ``C_j = sum_{e in j} a_e g_e^T``) is ``rhs_j``: ``K lambda = rhs``,
         ``K_ij = <C_i, P C_j>``, from ``P a`` per distinct atom and ``g_e . g_f`` (``C_j`` is low rank).
@@ -754,7 +767,8 @@ class MicroEditor(EditMethod):
         entries have their own atom (held tokens and scope: one atom per stored position), and per
         atom pair then gathered where many entries share few atoms (the edit's own tokens all read the
         same sequence); a sparse product followed by the gather cost 2x the first way on the held
-        steps of a crowded decoder (docs/RESULTS.md, "Session 16")."""
+        steps of a crowded decoder (docs/RESULTS.md, "Session 16"). ``ridge`` > 0: the damped solve
+        ``(K + ridge * mean(diag K) I) lambda = rhs`` (the constraints met to within the ridge)."""
         PA = P(cons.At)  # P a per distinct atom  [m, U]
         U, n = cons.At.shape[1], len(cons.atom)
         if 2 * U > n:
@@ -764,6 +778,8 @@ class MicroEditor(EditMethod):
         pair.mul_(cons.gram)  # <a_e g_e^T, P a_f g_f^T>  [n, n]
         J, seg = cons.n_constraints, cons.seg
         K = torch.zeros(J, J, dtype=torch.float64).index_add_(1, seg, torch.zeros(J, n, dtype=torch.float64).index_add_(0, seg, pair))
+        if ridge > 0:
+            K.diagonal().add_(ridge * float(K.diagonal().mean()))
         lam = _solve_psd(K, rhs.double())
         Z = torch.zeros(U, cons.G.shape[1], dtype=torch.float64).index_add_(0, cons.atom, lam[seg][:, None] * cons.G)
         return PA @ Z
@@ -782,14 +798,15 @@ class MicroEditor(EditMethod):
         return self._hold_threatened(prob, P, dR)
 
     def _hold_threatened(self, prob: _EditProblem, P: Any, base: torch.Tensor,
-                         own: "_Constraints | None" = None, ask: torch.Tensor | None = None) -> torch.Tensor:
+                         own: "_Constraints | None" = None, ask: torch.Tensor | None = None, ridge: float = 0.0) -> torch.Tensor:
         """``base`` plus the least correction (metric ``P^-1``) that raises the edit's own tokens by
         ``ask`` (``own``, if given), takes the earlier target tokens the result would lower most (up
         to ``keep_targets``; with ``keep_floor``: those it would take below the floor) where they
         must be (:meth:`_held_change`) and, with ``keep_scope``, keeps the earlier edits whose ARD it
         would take above their ceiling at it (:meth:`_scope_targets`). A correction can push other
         earlier tokens or edits out, so the sets are re-checked twice, each time solved from ``base``
-        with everything chosen so far (the ARD, quadratic in the rows, linearised at the last result)."""
+        with everything chosen so far (the ARD, quadratic in the rows, linearised at the last result).
+        ``ridge``: those solves damped (:meth:`_solve_constraints`)."""
         sens, scope = prob.sensitivities, prob.scope
         new = base if own is None else base + self._solve_constraints(own, P, ask)
         chosen = held_scope = torch.zeros(0, dtype=torch.long)
@@ -817,7 +834,7 @@ class MicroEditor(EditMethod):
             cons, rhs = parts[0]
             for c, r in parts[1:]:
                 cons, rhs = cons.concat(c), torch.cat([rhs, r])
-            new = base + self._solve_constraints(cons, P, rhs)
+            new = base + self._solve_constraints(cons, P, rhs, ridge)
         return new
 
     def _more_out_of_scope(self, over: Float[torch.Tensor, " n_constraints"], chosen: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -939,7 +956,14 @@ class MicroEditor(EditMethod):
             # from the unconstrained point: a fresh solve keeps only what the constraints linearised *here* see, and at a
             # point where the edit has its margin the target's gradient no longer sees the suppressed
             # competitors, so it could undo the edit (docs/METHOD.md)
-            new = self._hold_threatened(prob, P, dR, own, ask)
+            # damp_holds: from the ridge the edit's last held step needed (0 = the exact solve)
+            for ridge in [r for r in (0.0, *HOLD_RIDGES) if r >= sys_.hold_ridge] if self.cfg.damp_holds else [0.0]:
+                sys_.hold_ridge = ridge
+                new = self._hold_threatened(prob, P, dR, own, ask, ridge)
+                if sys_.ard(new) <= self.switch.tau:
+                    break
+            if sys_.hold_ridge:
+                logger.info("held step with damped holds (ridge %g): the edit's ARD %.4g, tau %.4g", sys_.hold_ridge, sys_.ard(new), self.switch.tau)
         return new
 
     def _weigh_ard(self, sys_: "_MinimalSystem", own: "_Constraints", dR: torch.Tensor, ask: torch.Tensor, lam: float,
@@ -1373,6 +1397,8 @@ class _MinimalSystem:
     ard_goal: float
     lam: float
     """Weight of the ARD penalty (kept from step to step; raised as needed)."""
+    hold_ridge: float = 0.0
+    """``damp_holds``: the ridge the last held step needed (later held steps of the edit start there)."""
 
     @classmethod
     def build(cls, editor: "MicroEditor", prob: _EditProblem) -> "_MinimalSystem":

@@ -9,9 +9,10 @@ from microedit_lens.methods import get_method
 from microedit_lens.methods.base import REGISTRY, MethodRegistry
 from microedit_lens.testing import tiny_sae as make_tiny_sae
 
-FAST = dict(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0, revert_unrouted=False)
+FAST = dict(lr=5e-2, stage1_max_steps=5, stage2_max_steps=15, target_margin=0.0, revert_unrouted=False, damp_holds=False)
 """Tiny random models: few steps, and most edits stay above the calibrated tau, so every update is
-applied (the tests below are about what an applied update does; ``revert_unrouted`` has its own)."""
+applied and every held step is the exact solve (the tests below are about what an applied update and
+an exact held step do; ``revert_unrouted`` and ``damp_holds`` have their own)."""
 
 
 def make_editor(model, sae, refs, **kw):
@@ -561,6 +562,76 @@ def test_constraint_solve_meets_its_right_hand_side():
         K = torch.einsum("imd,jmd->ij", C, PC)
         want = torch.einsum("j,jmd->md", torch.linalg.solve(K, r), PC)
         torch.testing.assert_close(MicroEditor._solve_constraints(cons, lambda At: torch.cholesky_solve(At, L), r), want)
+
+
+def test_damped_constraint_solve_is_the_ridge_solution():
+    """_solve_constraints with ``ridge``: the correction from ``(K + ridge * mean(diag K) I)^-1 rhs``;
+    the constraints are then met to within the ridge, and on near-dependent constraints with
+    inconsistent asks the damped correction stays small where the exact one explodes."""
+    from microedit_lens.methods.microedit import _Constraints
+
+    g = torch.Generator().manual_seed(3)
+    m, d = 8, 4
+    H = torch.randn(m, m, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(H @ H.T + torch.eye(m, dtype=torch.float64))
+
+    def P(At):
+        return torch.cholesky_solve(At, L)
+
+    At = torch.rand(m, 3, generator=g, dtype=torch.float64)
+    G = torch.randn(3, d, generator=g, dtype=torch.float64)
+    G[2] = G[1] + 1e-3 * torch.randn(d, generator=g, dtype=torch.float64)  # constraint 2 ~ constraint 1 ...
+    G = G.float().double()  # the constraints' Gram matrix is formed in float32
+    At[:, 2] = At[:, 1]
+    cons = _Constraints(At, torch.arange(3), G, torch.arange(3), 3)
+    rhs = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)  # ... asked the opposite
+    # K_ij = <a_i g_i^T, P a_j g_j^T> = (a_i^T P a_j)(g_i . g_j), the g products in float32 as the solve forms them
+    K = (At.T @ P(At)) * (G.float() @ G.float().T).double()
+    for ridge in (1e-6, 1e-3):
+        lam = torch.linalg.solve(K + ridge * K.diagonal().mean() * torch.eye(3, dtype=torch.float64), rhs)
+        torch.testing.assert_close(MicroEditor._solve_constraints(cons, P, rhs, ridge), P(At) @ (lam[:, None] * G))
+    exact, damped = MicroEditor._solve_constraints(cons, P, rhs), MicroEditor._solve_constraints(cons, P, rhs, 1e-3)
+    assert damped.norm() < 1e-2 * exact.norm()
+    torch.testing.assert_close(cons.change(damped)[0], rhs[0], rtol=0.05, atol=0.05)  # the independent one still met
+
+
+def test_damp_holds_retries_a_held_step_that_leaves_the_edit_above_tau(tiny_model, tiny_sae, reference_texts, monkeypatch):
+    """damp_holds: a held step whose exact solve takes the edit's ARD above tau is solved again with
+    the ridges of HOLD_RIDGES in turn until one is under tau; later held steps of the same edit start
+    from that ridge; a held step that stays under tau is the exact solve; damp_holds=False keeps the
+    exact solve."""
+    from microedit_lens.methods import microedit as me
+
+    real_hold, real_step = MicroEditor._hold_threatened, MicroEditor._minimal_step
+
+    def run(damp: bool) -> list[list[float]]:
+        ed = make_editor(tiny_model, tiny_sae, reference_texts, row_update="minimal", keep_floor=3.0, keep_targets=1000,
+                         target_margin=0.5, minimal_steps=10, track_tau=False, damp_holds=damp)
+        ed.edit(REQS[:2])
+        ed.tau = 1e9  # every real held step stays under it; the spoiled ones below go far above
+        steps: list[list[float]] = []  # per held step, the ridges its solves used
+
+        def step(self, prob, sys_, dR, margin, hold):
+            if hold:
+                steps.append([])
+            return real_step(self, prob, sys_, dR, margin, hold)
+
+        def hold(self, prob, P, base, own=None, ask=None, ridge=0.0):
+            steps[-1].append(ridge)
+            new = real_hold(self, prob, P, base, own, ask, ridge)
+            return new + 1e9 if len(steps) == 1 and ridge < 1e-5 else new  # the first held step explodes below ridge 1e-5
+
+        monkeypatch.setattr(MicroEditor, "_minimal_step", step)
+        monkeypatch.setattr(MicroEditor, "_hold_threatened", hold)
+        ed.edit(REQS[2])
+        monkeypatch.undo()
+        ed.detach()
+        return steps
+
+    damped = run(True)
+    assert damped[0] == [0.0, *me.HOLD_RIDGES[: me.HOLD_RIDGES.index(1e-5) + 1]]
+    assert len(damped) > 1 and all(s == [1e-5] for s in damped[1:])
+    assert all(r == 0.0 for s in run(False) for r in s)
 
 
 def test_gram_blocks_are_the_dense_products():
