@@ -631,7 +631,8 @@ def test_damp_holds_retries_a_held_step_that_leaves_the_edit_above_tau(tiny_mode
     damped = run(True)
     assert damped[0] == [0.0, *me.HOLD_RIDGES[: me.HOLD_RIDGES.index(1e-5) + 1]]
     assert len(damped) > 1 and all(s == [1e-5] for s in damped[1:])
-    assert all(r == 0.0 for s in run(False) for r in s)
+    exact = run(False)
+    assert exact and all(s == [0.0] for s in exact)  # held steps happened, each one exact solve
 
 
 def test_gram_blocks_are_the_dense_products():
