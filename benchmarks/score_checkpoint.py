@@ -5,7 +5,9 @@ any is scored, so this is the lifelong protocol's score for T = the number of ed
     python benchmarks/score_checkpoint.py CKPT_DIR/T1000_editor OUT.json \
         --data ../shared/data/zsre/zsre_mend_eval_portability_gpt4.json [--format zsre]
 
-The records must be the first records of --data, in the order they were edited.
+The records must be the first records of --data, in the order they were edited. OUT.json holds the
+means (and the median PPL where it applies) and every record's scores; torch runs OMP_NUM_THREADS
+threads (1 if unset).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import statistics
 import time
 from dataclasses import asdict
 
@@ -32,7 +37,7 @@ def main() -> None:
     ap.add_argument("--no-generative", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model, sae = load_model(), load_sae()
     ed = MicroEditor.load(a.editor_dir, model, sae=sae)
     n = ed.n_edits
@@ -49,9 +54,12 @@ def main() -> None:
     out = dict(n_edits=n, reliability=run.reliability, generalization=run.generalization, locality=run.locality,
                ppl=run.ppl, rel_generative=run.rel_generative, edit_seconds_per_edit=run.edit_seconds_per_edit,
                success=run.edit_success, score_seconds=run.score_seconds_total, tau=ed.tau, average=run.summary()["average"])
+    ppls = [s.ppl for s in sc if not math.isnan(s.ppl)]
+    out["median_ppl"] = statistics.median(ppls) if ppls else float("nan")
+    logging.getLogger(__name__).info("%s", json.dumps(out))
+    out["records"] = [asdict(s) for s in sc]
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
-    logging.getLogger(__name__).info("%s", json.dumps(out))
 
 
 if __name__ == "__main__":
