@@ -16,16 +16,13 @@ import argparse
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict
 
-import torch
-
-from microedit_lens import MicroEditor, load_model, load_sae
 from microedit_lens.data import FORMATS, load_dataset
 from microedit_lens.lifelong import LifelongConfig, LifelongRunner, trun_from_progress
+from _common import load_saved_editor
 
 
 def main() -> None:
@@ -37,14 +34,12 @@ def main() -> None:
     ap.add_argument("--no-generative", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model, sae = load_model(), load_sae()
-    ed = MicroEditor.load(a.editor_dir, model, sae=sae)
+    ed = load_saved_editor(a.editor_dir)
     n = ed.n_edits
     recs = load_dataset(a.data, a.format, limit=n).records[:n]
     if [r.prompt for r in recs] != [r.request.prompt for r in ed.results]:
         raise SystemExit(f"the first {n} records of {a.data} are not the ones this editor edited")
-    runner = LifelongRunner.for_editor(ed, sae)
+    runner = LifelongRunner.for_editor(ed, ed.sae)
     cfg = LifelongConfig(T=[n], generative=not a.no_generative)
     t = time.time()
     base = runner.baselines(recs, cfg.batch_size, cfg.lower_cache)
