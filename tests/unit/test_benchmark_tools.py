@@ -28,6 +28,7 @@ def _load_script(name: str) -> ModuleType:
 ard_parts = _load_script("ard_parts")
 late_edits = _load_script("late_edits")
 scope_drift = _load_script("scope_drift")
+scope_spectrum = _load_script("scope_spectrum")
 
 
 def test_subject_positions(tiny_model):
@@ -77,3 +78,28 @@ def test_scope_drift_counts_moves_against_the_switch(tiny_model, tiny_sae, refer
     step = out["edits"][0]
     assert step["tau"] == ed.tau and step["seconds"] >= 0 and out["s_per_edit"] == step["seconds"]
     assert step["in_scope"] - out["start"]["in_scope"] == step["out_to_in"] - step["in_to_out"]
+
+
+def test_scope_spectrum_spread_of_each_constraint():
+    """spread: per scope constraint its positions and rows, the share of its gradient's squared norm
+    in its leading singular terms (rising to 1 at full rank) and the top-4 positions' cosine (1 when
+    it has at most 4 positions); recording restores the constraint builder."""
+    from microedit_lens.editor import SelectedScope
+    from microedit_lens.methods.microedit import _Constraints
+
+    torch.manual_seed(0)
+    n, m, d = 30, 10, 8
+    A = torch.rand(n, m) * (torch.rand(n, m) > 0.5)
+    A[:, 0] += 0.1
+    con = torch.tensor([0] * 26 + [1] * 4)
+    scope = SelectedScope(A.to_sparse(), torch.randn(n, d), torch.rand(n), con, torch.rand(2).double(), torch.tensor([3, 5]))
+    rows = scope_spectrum.spread(scope, torch.tensor([0, 1]), torch.zeros(m, d, dtype=torch.float64))
+    assert [r["positions"] for r in rows] == [26, 4] and rows[0]["rows"] == m and 0 < rows[1]["rows"] <= m
+    for r in rows:
+        assert 0 < r["share_1"] <= r["share_4"] <= r["share_8"] <= r["share_16"] == pytest.approx(1.0)
+    assert rows[1]["cos_top4_positions"] == pytest.approx(1.0) and rows[0]["cos_top4_positions"] < 1.0
+    original = _Constraints.__dict__["scope"]
+    got = []
+    with scope_spectrum.recording(got):
+        _Constraints.scope(scope, torch.tensor([1]), torch.zeros(m, d, dtype=torch.float64))
+    assert len(got) == 1 and got[0]["positions"] == 4 and _Constraints.__dict__["scope"] is original

@@ -1078,6 +1078,53 @@ def test_scope_constraints_keep_the_largest_positions_per_edit():
         MicroEditConfig(scope_positions=0)
 
 
+def test_scope_rank_keeps_each_edits_leading_singular_terms():
+    """scope_rank: each constrained earlier edit becomes at most r rank-one terms, the leading
+    singular terms of its gradient w.r.t. the rows: at full rank its first-order change is the
+    all-position constraint's exactly, and at lower rank the best rank-r approximation's (the
+    truncated SVD of the same matrix); deterministic, and the global RNG is left alone."""
+    from microedit_lens.editor import SelectedScope
+    from microedit_lens.methods.microedit import _Constraints
+
+    torch.manual_seed(0)
+    n, m, d = 40, 12, 9
+    A = torch.rand(n, m) * (torch.rand(n, m) > 0.5)
+    A[:, 0] += 0.1
+    con = torch.sort(torch.randint(0, 3, (n,))).values
+    con[-2:] = 3  # an edit with two positions: kept as they are at rank 2
+    scope = SelectedScope(A.to_sparse(), torch.randn(n, d), torch.rand(n), con, torch.rand(4).double(), torch.tensor([4, 8, 9, 11]))
+    at = torch.randn(m, d, dtype=torch.float64) * 0.1
+    chosen = torch.tensor([2, 0, 1, 3])
+    full = _Constraints.scope(scope, chosen, at)
+    dR = torch.randn(m, d, dtype=torch.float64)
+    exact = _Constraints.scope(scope, chosen, at, rank=min(m, d))
+    torch.testing.assert_close(exact.change(dR), full.change(dR))
+    state = torch.get_rng_state()
+    low = _Constraints.scope(scope, chosen, at, rank=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert low.n_constraints == 4 and torch.bincount(low.seg).tolist() == [2, 2, 2, 2]
+    again = _Constraints.scope(scope, chosen, at, rank=2)
+    assert torch.equal(again.At, low.At) and torch.equal(again.G, low.G)
+    for j in range(4):
+        e = full.seg == j
+        C = full.At[:, full.atom[e]] @ full.G[e]  # the constraint's gradient w.r.t. the rows
+        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+        best = (U[:, :2] * S[:2]) @ Vh[:2]
+        f = low.seg == j
+        torch.testing.assert_close(low.At[:, low.atom[f]] @ low.G[f], best, atol=1e-6 * float(S[0]), rtol=0)
+    # wider than the subspace iteration's columns: its terms capture the optimal share of the norm
+    from microedit_lens.methods.microedit import _leading_terms
+    p, m, d = 60, 50, 40
+    At = (torch.rand(m, p) * (torch.rand(m, p) < 0.3)).double()
+    G = (torch.randn(p, d) * 0.3 + torch.randn(1, d)).double()
+    a, g, seg = _leading_terms(At, G, torch.zeros(p, dtype=torch.long), 1, 3)
+    C, approx = At @ G, a @ g
+    S = torch.linalg.svdvals(C)
+    assert seg.tolist() == [0, 0, 0] and float((approx * C).sum() / (S[:3] ** 2).sum()) > 0.999
+    with pytest.raises(ValueError, match="scope_rank"):
+        MicroEditConfig(scope_rank=0)
+
+
 def test_scope_holds_in_scope_edits_and_leaves_the_rest(tiny_model, tiny_sae, reference_texts):
     """keep_scope's targets: an earlier edit below the ceiling may rise to it, one between the ceiling
     and tau stays where it is, one already out of scope (ARD > tau) is not held at all; and an update
